@@ -1,0 +1,79 @@
+//! The router and the state every handler shares. Handlers live next to what they serve
+//! (`page`, `echo`); this module only assembles them.
+
+use std::{net::SocketAddr, sync::Arc};
+
+use axum::{
+    Router,
+    extract::State,
+    http::StatusCode,
+    routing::{any, get},
+};
+use tokio::sync::Semaphore;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{config::Settings, echo, page};
+
+/// State shared by every handler. Created once by `server::run`; each request gets a
+/// clone (all fields are reference-counted handles).
+#[derive(Clone, Debug)]
+pub(crate) struct AppState {
+    /// The settings the server was started with.
+    pub(crate) settings: Arc<Settings>,
+    /// Engine configuration, shared by every WebSocket.
+    pub(crate) echo: Arc<echo::EchoConfig>,
+    /// Cancelled when shutdown begins; every echo loop watches it.
+    pub(crate) shutdown: CancellationToken,
+    /// Tracks every connection task, so that shutdown can wait for them.
+    pub(crate) tracker: TaskTracker,
+    /// One permit per open WebSocket, `max_connections` in all. A permit is moved into
+    /// the connection's task and released when the task ends.
+    pub(crate) connections: Arc<Semaphore>,
+}
+
+impl AppState {
+    /// State for a server with `settings`, drained through `shutdown` and `tracker`.
+    pub(crate) fn new(
+        settings: Settings,
+        shutdown: CancellationToken,
+        tracker: TaskTracker,
+    ) -> Self {
+        Self {
+            echo: Arc::new(echo::EchoConfig::new(&settings)),
+            connections: Arc::new(Semaphore::new(settings.max_connections)),
+            settings: Arc::new(settings),
+            shutdown,
+            tracker,
+        }
+    }
+}
+
+/// The client's address, inserted into every request by the server's accept loop.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct PeerAddr(pub(crate) SocketAddr);
+
+/// All routes. `/ws` takes any method: HTTP/1.1 upgrades arrive as GET and HTTP/2 ones
+/// (RFC 8441) as CONNECT, and the handler answers other methods with 405.
+pub(crate) fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/", get(page::index))
+        .route("/ws", any(echo::upgrade))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(state)
+}
+
+/// `GET /healthz`: the process is alive and serving HTTP.
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+/// `GET /readyz`: ready for new connections; 503 from the moment a drain begins, so
+/// that load balancers stop sending new clients here.
+async fn readyz(State(state): State<AppState>) -> (StatusCode, &'static str) {
+    if state.shutdown.is_cancelled() {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+    } else {
+        (StatusCode::OK, "ready\n")
+    }
+}

@@ -1,0 +1,653 @@
+//! `GET /ws`: the upgrade and the per-connection echo loop.
+//!
+//! This is the only module that knows the WebSocket engine (yawc 0.5). The handshake is
+//! decided in `handshake` and answered by us; the upgraded stream goes through
+//! `frame_guard` and is then handed to the engine with the extension string both sides
+//! agreed to. We drive the engine at its frame level (`Streaming`): it parses and
+//! unmasks frames, inflates and deflates, answers Pings, echoes Close, and sends the
+//! right Close for every frame-level error. Its message level is not used, because it
+//! fails on invalid text or fragments without sending any Close; `assembly` does that
+//! part instead.
+//!
+//! The loop writes echoes without flushing while more input is already buffered, and
+//! flushes once when the next read would wait: one `write` per wake-up instead of one
+//! per message, the lever for pipelined traffic. When the client does not read, the
+//! engine's write buffer reaches `write_buffer_limit`, the pending echo cannot be
+//! queued, and the loop stops reading that client: TCP backpressure, bounded memory.
+
+use std::{
+    future::{Future, poll_fn},
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    task::Poll,
+    time::Duration,
+};
+
+use axum::{
+    extract::{Request, State},
+    http::{StatusCode, header},
+    response::{IntoResponse, Response},
+};
+use futures_util::{FutureExt, SinkExt};
+use hyper_util::rt::TokioIo;
+use tokio::time::{Instant, Sleep, sleep_until, timeout};
+use tracing::{Instrument, debug, info, info_span, trace, warn};
+use yawc::{
+    CompressionLevel, DeflatePool, Frame, OpCode, Options, Role, WebSocket, WebSocketError,
+    close::CloseCode, streaming::Streaming,
+};
+
+use crate::{
+    app::{AppState, PeerAddr},
+    assembly::{Assembler, Kind, Part},
+    config::Settings,
+    frame_guard::{self, Violation},
+    handshake,
+};
+
+/// Longest text payload shown in a debug log line; longer ones are shortened.
+const LOGGED_TEXT_CHARS: usize = 64;
+
+/// Engine settings shared by every connection: built once from [`Settings`].
+#[derive(Debug)]
+pub(crate) struct EchoConfig {
+    /// Options handed to each new WebSocket; cloning shares the deflate pool.
+    options: Options,
+    /// Connection ids for logs, counted from 1.
+    next_id: AtomicU64,
+}
+
+impl EchoConfig {
+    /// Engine options for `settings`. The two engine defaults that are unsafe for a
+    /// server are set explicitly: UTF-8 validation of text (off by default) and the size
+    /// limits (64 MiB frames and 128 MiB messages by default).
+    pub(crate) fn new(settings: &Settings) -> Self {
+        let mut options = Options::default()
+            .with_utf8()
+            // The engine refuses a frame whose length (or inflated length) is >= this,
+            // and we allow equal. Messages are limited by `assembly`.
+            .with_max_payload_read(settings.max_frame_size.saturating_add(1))
+            .with_backpressure_boundary(settings.write_buffer_limit)
+            .without_compression();
+        if settings.compression.enabled {
+            options = options
+                .with_compression_level(CompressionLevel::new(settings.compression.level))
+                .with_compression_threshold(settings.compression.threshold)
+                // Compressor state is taken from the pool for one message at a time
+                // (we always answer server_no_context_takeover), so idle connections
+                // hold none. Capacity: one per core is all that can be busy at once.
+                .with_deflate_pool(DeflatePool::new(
+                    std::thread::available_parallelism().map_or(2, |n| n.get()) * 2,
+                ));
+        }
+        Self {
+            options,
+            next_id: AtomicU64::new(1),
+        }
+    }
+
+    #[cfg(test)]
+    fn options(&self) -> &Options {
+        &self.options
+    }
+}
+
+/// `GET /ws` (and HTTP/2 `CONNECT /ws`): checks the handshake, then hands the upgraded
+/// connection to [`serve`] on the shared task tracker.
+pub(crate) async fn upgrade(State(state): State<AppState>, mut request: Request) -> Response {
+    let peer = request.extensions().get::<PeerAddr>().map(|peer| peer.0);
+    let accepted = match handshake::accept(&request, &state.settings) {
+        Ok(accepted) => accepted,
+        Err(rejection) => {
+            debug!(peer = ?peer, reason = rejection.reason(), "handshake refused");
+            return rejection.into_response();
+        }
+    };
+    let Ok(permit) = Arc::clone(&state.connections).try_acquire_owned() else {
+        warn!(peer = ?peer, limit = state.settings.max_connections, "connection limit reached");
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::RETRY_AFTER, "1")],
+            "too many open WebSockets; retry shortly\n",
+        )
+            .into_response();
+    };
+    if state.shutdown.is_cancelled() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
+    }
+    let on_upgrade = hyper::upgrade::on(&mut request);
+    let response = accepted.response();
+    let id = state.echo.next_id.fetch_add(1, Ordering::Relaxed);
+    let span = info_span!("ws", id, peer = %peer.map_or_else(|| "-".into(), |p| p.to_string()));
+    let task_state = state.clone();
+    state.tracker.spawn(
+        async move {
+            let upgraded = match on_upgrade.await {
+                Ok(upgraded) => upgraded,
+                Err(error) => {
+                    debug!(%error, "upgrade did not complete");
+                    return;
+                }
+            };
+            serve(TokioIo::new(upgraded), accepted, &task_state).await;
+            drop(permit);
+        }
+        .instrument(span),
+    );
+    response
+}
+
+/// Counts of one connection, for its closing log line.
+#[derive(Debug, Default)]
+struct Stats {
+    messages_in: u64,
+    bytes_in: u64,
+    messages_out: u64,
+    bytes_out: u64,
+}
+
+/// How a connection ended.
+#[derive(Debug)]
+enum Ending {
+    /// The client sent Close; its code (1005 when it gave none) was echoed.
+    ClientClosed(u16),
+    /// The server sent Close with this code and the handshake finished or timed out.
+    ServerClosed(u16, &'static str),
+    /// The engine refused the client's input and sent this close code.
+    ProtocolError(u16, String),
+    /// The TCP connection ended without a closing handshake.
+    Dropped(String),
+}
+
+/// Runs one WebSocket to its end and logs the result.
+async fn serve<S>(io: S, accepted: handshake::Accepted, state: &AppState)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let started = Instant::now();
+    let (io, violation) = frame_guard::guard(io);
+    let compressed = accepted.extensions.is_some();
+    let mut ws = match WebSocket::from_stream_with_extensions(
+        io,
+        Role::Server,
+        accepted.extensions.as_deref(),
+        state.echo.options.clone(),
+    ) {
+        Ok(ws) => ws.into_streaming(),
+        Err(error) => {
+            // Unreachable with our own negotiation: the options enable compression
+            // whenever we agree to it. Logged, not panicked, all the same.
+            warn!(%error, "engine refused the negotiated extensions");
+            return;
+        }
+    };
+    info!(
+        subprotocol = accepted.subprotocol.as_deref().unwrap_or("-"),
+        compressed, "connection opened"
+    );
+    let mut stats = Stats::default();
+    let ending = EchoLoop::new(&state.settings, violation)
+        .run(&mut ws, &mut stats, &state.shutdown)
+        .await;
+    let duration_ms = started.elapsed().as_millis() as u64;
+    let subprotocol = accepted.subprotocol.as_deref().unwrap_or("-");
+    let (code, how, detail) = match &ending {
+        Ending::ClientClosed(code) => (*code, "client closed", String::new()),
+        Ending::ServerClosed(code, reason) => (*code, "server closed", (*reason).to_owned()),
+        Ending::ProtocolError(code, reason) => (*code, "protocol error", reason.clone()),
+        Ending::Dropped(reason) => (1006, "dropped", reason.clone()),
+    };
+    info!(
+        duration_ms,
+        messages_in = stats.messages_in,
+        bytes_in = stats.bytes_in,
+        messages_out = stats.messages_out,
+        bytes_out = stats.bytes_out,
+        close_code = code,
+        subprotocol,
+        compressed,
+        detail = %detail,
+        "connection closed: {how}"
+    );
+}
+
+/// What woke the echo loop.
+enum Event {
+    /// The engine produced a frame or an error.
+    Frame(Result<Frame, WebSocketError>),
+    /// Writing or flushing failed: the peer is gone.
+    WriteFailed(WebSocketError),
+    /// The frame guard stopped the stream.
+    Refused(frame_guard::Refusal),
+    /// Shutdown began.
+    Shutdown,
+    /// The keepalive or idle timer fired.
+    Timer,
+}
+
+/// The state of one connection's echo loop.
+struct EchoLoop<'a> {
+    settings: &'a Settings,
+    violation: Violation,
+    /// Reassembles fragmented messages and validates text.
+    assembler: Assembler,
+    /// An echo (or ping) that did not fit in the write buffer yet. While it waits, the
+    /// loop reads nothing more from the client: that is the backpressure.
+    pending: Option<Frame>,
+    /// Frames were queued since the last flush.
+    unflushed: bool,
+    /// When the last message arrived, for the idle timeout.
+    last_message: Instant,
+    /// When the next keepalive ping is due.
+    next_ping: Option<Instant>,
+    /// The outstanding ping: its payload and when it was sent.
+    awaiting_pong: Option<(u64, Instant)>,
+    /// Pings sent so far; the next ping's payload.
+    pings_sent: u64,
+}
+
+impl<'a> EchoLoop<'a> {
+    fn new(settings: &'a Settings, violation: Violation) -> Self {
+        let now = Instant::now();
+        Self {
+            settings,
+            violation,
+            assembler: Assembler::new(settings.max_message_size),
+            pending: None,
+            unflushed: false,
+            last_message: now,
+            next_ping: settings.ping_interval.map(|interval| now + interval),
+            awaiting_pong: None,
+            pings_sent: 0,
+        }
+    }
+
+    /// The earliest instant a timer needs the loop's attention.
+    fn next_deadline(&self) -> Instant {
+        let far = Instant::now() + Duration::from_secs(86_400 * 365);
+        let pong = self
+            .awaiting_pong
+            .map(|(_, sent)| sent + self.settings.ping_timeout);
+        let idle = self
+            .settings
+            .idle_timeout
+            .map(|idle| self.last_message + idle);
+        [self.next_ping, pong, idle]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(far)
+    }
+
+    async fn run<S>(
+        mut self,
+        ws: &mut Streaming<S>,
+        stats: &mut Stats,
+        shutdown: &tokio_util::sync::CancellationToken,
+    ) -> Ending
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        let shutdown = shutdown.cancelled();
+        tokio::pin!(shutdown);
+        let timer = sleep_until(self.next_deadline());
+        tokio::pin!(timer);
+        loop {
+            let event = self.next_event(ws, shutdown.as_mut(), timer.as_mut()).await;
+            match event {
+                Event::Frame(Ok(frame)) => {
+                    if let Some(ending) = self.on_frame(ws, frame, stats).await {
+                        return ending;
+                    }
+                }
+                Event::Frame(Err(error)) => return self.on_engine_error(ws, error).await,
+                Event::WriteFailed(error) => return Ending::Dropped(error.to_string()),
+                Event::Refused(refusal) => {
+                    let reason = refusal.reason();
+                    debug!(reason, "frame refused");
+                    let _ = timeout(
+                        self.settings.close_timeout,
+                        ws.send(Frame::close(CloseCode::Protocol, reason)),
+                    )
+                    .await;
+                    return Ending::ProtocolError(1002, reason.to_owned());
+                }
+                Event::Shutdown => return self.drain_and_close(ws, stats).await,
+                Event::Timer => {
+                    if let Some(ending) = self.on_timer(ws).await {
+                        return ending;
+                    }
+                    timer.as_mut().reset(self.next_deadline());
+                }
+            }
+        }
+    }
+
+    /// Waits for the next thing to do, writing and flushing along the way.
+    async fn next_event<S>(
+        &mut self,
+        ws: &mut Streaming<S>,
+        mut shutdown: Pin<&mut impl Future<Output = ()>>,
+        mut timer: Pin<&mut Sleep>,
+    ) -> Event
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        poll_fn(|cx| {
+            if shutdown.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Event::Shutdown);
+            }
+            if let Some(frame) = self.pending.take() {
+                match ws.poll_ready_unpin(cx) {
+                    Poll::Ready(Ok(())) => {
+                        if let Err(error) = ws.start_send_unpin(frame) {
+                            return Poll::Ready(Event::WriteFailed(error));
+                        }
+                        self.unflushed = true;
+                    }
+                    Poll::Ready(Err(error)) => return Poll::Ready(Event::WriteFailed(error)),
+                    Poll::Pending => {
+                        // The client is not reading: neither do we.
+                        self.pending = Some(frame);
+                        return match timer.as_mut().poll(cx) {
+                            Poll::Ready(()) => Poll::Ready(Event::Timer),
+                            Poll::Pending => Poll::Pending,
+                        };
+                    }
+                }
+            }
+            if let Poll::Ready(result) = ws.poll_next_frame(cx) {
+                return Poll::Ready(Event::Frame(result));
+            }
+            // Frames before a refused header are echoed first: the guard passes them on
+            // and only then stops the stream.
+            if let Some(refusal) = self.violation.occurred() {
+                return Poll::Ready(Event::Refused(refusal));
+            }
+            if self.unflushed {
+                match ws.poll_flush_unpin(cx) {
+                    Poll::Ready(Ok(())) => self.unflushed = false,
+                    Poll::Ready(Err(error)) => return Poll::Ready(Event::WriteFailed(error)),
+                    Poll::Pending => {}
+                }
+            }
+            match timer.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Event::Timer),
+                Poll::Pending => Poll::Pending,
+            }
+        })
+        .await
+    }
+
+    /// Handles one frame from the engine; `Some` when the connection is over.
+    async fn on_frame<S>(
+        &mut self,
+        ws: &mut Streaming<S>,
+        frame: Frame,
+        stats: &mut Stats,
+    ) -> Option<Ending>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        let part = match frame.opcode() {
+            OpCode::Text => Part::First(Kind::Text),
+            OpCode::Binary => Part::First(Kind::Binary),
+            OpCode::Continuation => Part::Continuation,
+            _ => return self.on_control_frame(ws, frame).await,
+        };
+        let fin = frame.is_fin();
+        match self.assembler.push(part, fin, frame.into_payload()) {
+            Ok(None) => None,
+            Ok(Some((kind, payload))) => {
+                stats.messages_in += 1;
+                stats.bytes_in += payload.len() as u64;
+                stats.messages_out += 1;
+                stats.bytes_out += payload.len() as u64;
+                self.last_message = Instant::now();
+                log_message(kind, &payload);
+                // The echo is one frame, and its payload is shared with the received
+                // message, not copied.
+                self.pending = Some(match kind {
+                    Kind::Text => Frame::text(payload),
+                    Kind::Binary => Frame::binary(payload),
+                });
+                None
+            }
+            Err(failure) => {
+                debug!(
+                    code = failure.code,
+                    reason = failure.reason,
+                    "refusing message"
+                );
+                let code = CloseCode::from(failure.code);
+                Some(match self.close(ws, code, failure.reason).await {
+                    Ending::Dropped(detail) => Ending::Dropped(detail),
+                    _ => Ending::ProtocolError(failure.code, failure.reason.to_owned()),
+                })
+            }
+        }
+    }
+
+    /// Ping, Pong and Close; `Some` when the connection is over.
+    async fn on_control_frame<S>(&mut self, ws: &mut Streaming<S>, frame: Frame) -> Option<Ending>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        match frame.opcode() {
+            // The engine has already queued the Pong; a Ping is not echoed as data.
+            OpCode::Ping => None,
+            OpCode::Pong => {
+                if let Some((sent_payload, sent_at)) = self.awaiting_pong {
+                    if frame.payload().as_ref() == sent_payload.to_be_bytes() {
+                        trace!(rtt_us = sent_at.elapsed().as_micros() as u64, "pong");
+                        self.awaiting_pong = None;
+                    }
+                }
+                None
+            }
+            OpCode::Close => {
+                // The engine queued the echo of this Close behind every echo already
+                // queued; flush it, then the server closes TCP first (§7.1.1).
+                let code = frame.close_code().map_or(1005, u16::from);
+                flush_engine_close(ws, self.settings.close_timeout).await;
+                Some(Ending::ClientClosed(code))
+            }
+            OpCode::Text | OpCode::Binary | OpCode::Continuation => None,
+        }
+    }
+
+    /// The engine refused input (it has queued a Close with the matching code) or the
+    /// peer went away.
+    async fn on_engine_error<S>(&mut self, ws: &mut Streaming<S>, error: WebSocketError) -> Ending
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        let code = match &error {
+            WebSocketError::ConnectionClosed => return Ending::Dropped("connection closed".into()),
+            WebSocketError::IoError(_) => return Ending::Dropped(error.to_string()),
+            WebSocketError::FrameTooLarge => 1009,
+            WebSocketError::InvalidUTF8 => 1007,
+            WebSocketError::InvalidOpCode(_) => 1003,
+            error if error.is_protocol_error() => 1002,
+            _ => 1011,
+        };
+        debug!(%error, code, "closing on a protocol error");
+        flush_engine_close(ws, self.settings.close_timeout).await;
+        Ending::ProtocolError(code, error.to_string())
+    }
+
+    /// Keepalive and idle deadlines; `Some` when the connection is over.
+    async fn on_timer<S>(&mut self, ws: &mut Streaming<S>) -> Option<Ending>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        let now = Instant::now();
+        if let Some((_, sent_at)) = self.awaiting_pong {
+            if now >= sent_at + self.settings.ping_timeout {
+                // The peer is not answering; there is no handshake to wait for.
+                let reason = "keepalive ping unanswered";
+                let _ = ws
+                    .send(Frame::close(CloseCode::Away, reason))
+                    .now_or_never();
+                return Some(Ending::ServerClosed(1001, reason));
+            }
+        }
+        if let Some(idle) = self.settings.idle_timeout {
+            if now >= self.last_message + idle {
+                return Some(self.close(ws, CloseCode::Normal, "idle timeout").await);
+            }
+        }
+        if let (Some(due), Some(interval)) = (self.next_ping, self.settings.ping_interval) {
+            if now >= due {
+                self.next_ping = Some(now + interval);
+                // A connection whose echo is still waiting for room is busy, not idle,
+                // and a ping could not be written anyway.
+                if self.pending.is_none() && self.awaiting_pong.is_none() {
+                    self.pings_sent += 1;
+                    self.pending = Some(Frame::ping(self.pings_sent.to_be_bytes().to_vec()));
+                    self.awaiting_pong = Some((self.pings_sent, now));
+                }
+            }
+        }
+        None
+    }
+
+    /// Shutdown: echo what was already received, send Close 1001, wait for the answer.
+    async fn drain_and_close<S>(&mut self, ws: &mut Streaming<S>, stats: &mut Stats) -> Ending
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        loop {
+            if let Some(frame) = self.pending.take() {
+                if let Err(error) = ws.feed(frame).await {
+                    return Ending::Dropped(error.to_string());
+                }
+            }
+            // Only frames that are already here: `now_or_never` polls once.
+            match ws.next_frame().now_or_never() {
+                Some(Ok(frame)) => {
+                    if let Some(ending) = self.on_frame(ws, frame, stats).await {
+                        return ending;
+                    }
+                }
+                Some(Err(error)) => return self.on_engine_error(ws, error).await,
+                None => break,
+            }
+        }
+        self.close(ws, CloseCode::Away, "server shutting down")
+            .await
+    }
+
+    /// Sends Close with `code` after every queued echo and waits, up to the close
+    /// timeout, for the peer's Close.
+    async fn close<S>(
+        &mut self,
+        ws: &mut Streaming<S>,
+        code: CloseCode,
+        reason: &'static str,
+    ) -> Ending
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        let code_number = u16::from(code);
+        let handshake = async {
+            if let Some(frame) = self.pending.take() {
+                ws.feed(frame).await?;
+            }
+            ws.send(Frame::close(code, reason)).await?;
+            // Messages that cross our Close are not echoed: §5.5.1 forbids sending data
+            // after a Close. Wait for the peer's Close or the end of the stream.
+            loop {
+                if ws.next_frame().await?.opcode() == OpCode::Close {
+                    return Ok::<_, WebSocketError>(());
+                }
+            }
+        };
+        match timeout(self.settings.close_timeout, handshake).await {
+            Ok(Ok(())) | Ok(Err(WebSocketError::ConnectionClosed)) => {
+                Ending::ServerClosed(code_number, reason)
+            }
+            Ok(Err(error)) => Ending::Dropped(error.to_string()),
+            Err(_) => Ending::ServerClosed(code_number, "close handshake timed out"),
+        }
+    }
+}
+
+/// Sends the Close the engine queued itself (the echo of the client's Close, or the
+/// close code for a protocol error), behind every echo already queued.
+///
+/// The engine keeps such frames in a queue of its own that `flush` does not reach; they
+/// go out when the read side is polled. Its read side is closed by then, so one more
+/// read writes and flushes them and returns at once.
+async fn flush_engine_close<S>(ws: &mut Streaming<S>, limit: Duration)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let _ = timeout(limit, async {
+        let _ = ws.next_frame().await;
+        ws.flush().await
+    })
+    .await;
+}
+
+/// The tutorial's `Got message: …` line, at debug level: text shortened, binary as its
+/// length. Payloads never reach the info level.
+fn log_message(kind: Kind, payload: &[u8]) {
+    if !tracing::enabled!(tracing::Level::DEBUG) {
+        return;
+    }
+    match kind {
+        Kind::Text => {
+            let text = String::from_utf8_lossy(payload);
+            let mut shown: String = text.chars().take(LOGGED_TEXT_CHARS).collect();
+            if text.chars().count() > LOGGED_TEXT_CHARS {
+                shown.push('…');
+            }
+            debug!(len = payload.len(), "Got message: {shown:?}");
+        }
+        _ => debug!(
+            len = payload.len(),
+            "Got message: <{} bytes of binary>",
+            payload.len()
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The engine validates text only when told to. We validate in `assembly`, and set
+    /// the engine's flag as well so that no path through it skips the check.
+    #[test]
+    fn utf8_validation_is_on() {
+        assert!(EchoConfig::new(&Settings::default()).options().check_utf8);
+    }
+
+    /// The engine's default limits (64 MiB frames, 128 MiB messages) are not ours.
+    #[test]
+    fn frame_limit_comes_from_settings() {
+        let settings = Settings {
+            max_frame_size: 500,
+            ..Settings::default()
+        };
+        let config = EchoConfig::new(&settings);
+        assert_eq!(config.options().max_payload_read, Some(501));
+    }
+
+    #[test]
+    fn compression_off_means_no_deflate_options() {
+        let mut settings = Settings::default();
+        settings.compression.enabled = false;
+        assert!(EchoConfig::new(&settings).options().compression.is_none());
+        assert!(
+            EchoConfig::new(&Settings::default())
+                .options()
+                .compression
+                .is_some()
+        );
+    }
+}

@@ -1,0 +1,349 @@
+//! A read-side guard for the frame-header rules the engine does not check, or answers
+//! with the wrong close code.
+//!
+//! - A control frame carries at most 125 bytes (RFC 6455 §5.5). yawc 0.5 checks that only
+//!   for Ping: a 126-byte Close reaches its close handling, which echoes it back, an
+//!   illegal frame of our own (Autobahn 7.3.6).
+//! - A reserved opcode fails the connection with 1002 (§5.2, §7.4.1); yawc answers 1003.
+//! - RSV1 is set only on the first frame of a compressed message (RFC 7692 §6.1); yawc
+//!   accepts it on control and continuation frames.
+//!
+//! The handler never sees these frames, so the checks sit here, on the upgraded byte
+//! stream, below the engine. The guard follows frame boundaries as the bytes pass (it
+//! reads only headers and never copies payloads). At a bad header it hands the engine
+//! nothing from that frame on, stops reading, and records why; the echo loop turns that
+//! into Close 1002 with the reason.
+
+use std::{
+    io,
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicU8, Ordering},
+    },
+    task::{Context, Poll},
+};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// The largest payload of a control frame (RFC 6455 §5.5).
+const MAX_CONTROL_PAYLOAD: u8 = 125;
+
+/// A frame header the guard refused, with the reason sent in the Close frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub(crate) enum Refusal {
+    /// A control frame announcing more than 125 bytes.
+    OversizedControl = 1,
+    /// Opcodes 3–7 and 0xB–0xF.
+    ReservedOpcode = 2,
+    /// RSV1 on a control or continuation frame.
+    MisplacedRsv1 = 3,
+}
+
+impl Refusal {
+    /// The reason sent with Close 1002.
+    pub(crate) fn reason(self) -> &'static str {
+        match self {
+            Self::OversizedControl => "control frame payload over 125 bytes",
+            Self::ReservedOpcode => "reserved opcode",
+            Self::MisplacedRsv1 => "RSV1 set on a control or continuation frame",
+        }
+    }
+
+    fn from_u8(value: u8) -> Option<Self> {
+        match value {
+            1 => Some(Self::OversizedControl),
+            2 => Some(Self::ReservedOpcode),
+            3 => Some(Self::MisplacedRsv1),
+            _ => None,
+        }
+    }
+
+    /// Checks the first two bytes of a frame header.
+    fn check(first: u8, second: u8) -> Option<Self> {
+        let opcode = first & 0x0F;
+        let rsv1 = first & 0x40 != 0;
+        let control = opcode >= 0x8;
+        match opcode {
+            0x3..=0x7 | 0xB..=0xF => Some(Self::ReservedOpcode),
+            _ if control && second & 0x7F > MAX_CONTROL_PAYLOAD => Some(Self::OversizedControl),
+            _ if rsv1 && (control || opcode == 0x0) => Some(Self::MisplacedRsv1),
+            _ => None,
+        }
+    }
+}
+
+/// Where the guard is in the incoming frame sequence.
+#[derive(Debug, Clone, Copy)]
+enum Position {
+    /// Inside a frame header: `have` of its bytes are in `header`, `need` in all
+    /// (2 until the second byte tells the real size).
+    Header {
+        header: [u8; 14],
+        have: usize,
+        need: usize,
+    },
+    /// Inside a payload with this many bytes still to pass.
+    Payload { remaining: u64 },
+}
+
+impl Position {
+    const START: Self = Self::Header {
+        header: [0; 14],
+        have: 0,
+        need: 2,
+    };
+}
+
+/// A stream wrapper that stops at the first oversized control frame.
+///
+/// Created by [`guard`] around the upgraded connection and owned by the engine's
+/// WebSocket; dropping it drops the connection.
+#[derive(Debug)]
+pub(crate) struct FrameGuard<S> {
+    inner: S,
+    position: Position,
+    /// Shared with the [`Violation`] the echo loop holds: 0, or a [`Refusal`].
+    violated: Arc<AtomicU8>,
+}
+
+/// The echo loop's view of the guard: whether it stopped the stream, and why.
+#[derive(Debug, Clone)]
+pub(crate) struct Violation(Arc<AtomicU8>);
+
+impl Violation {
+    /// The refused header, if one arrived; nothing after it is read.
+    pub(crate) fn occurred(&self) -> Option<Refusal> {
+        Refusal::from_u8(self.0.load(Ordering::Acquire))
+    }
+}
+
+/// Wraps `inner`, which must start at a frame boundary (right after the handshake).
+pub(crate) fn guard<S>(inner: S) -> (FrameGuard<S>, Violation) {
+    let violated = Arc::new(AtomicU8::new(0));
+    let guard = FrameGuard {
+        inner,
+        position: Position::START,
+        violated: Arc::clone(&violated),
+    };
+    (guard, Violation(violated))
+}
+
+impl<S> FrameGuard<S> {
+    /// Follows the frame sequence through `bytes`. Returns the first refused header and
+    /// its offset in `bytes` (0 if it started in an earlier read), or `None`.
+    fn scan(&mut self, bytes: &[u8]) -> Option<(usize, Refusal)> {
+        let mut index = 0;
+        while index < bytes.len() {
+            match &mut self.position {
+                Position::Payload { remaining } => {
+                    let step = (*remaining).min((bytes.len() - index) as u64);
+                    *remaining -= step;
+                    index += step as usize;
+                    if *remaining == 0 {
+                        self.position = Position::START;
+                    }
+                }
+                Position::Header { header, have, need } => {
+                    header[*have] = bytes[index];
+                    *have += 1;
+                    index += 1;
+                    if *have == 2 {
+                        if let Some(refusal) = Refusal::check(header[0], header[1]) {
+                            return Some((index.saturating_sub(2), refusal));
+                        }
+                        let extended = match header[1] & 0x7F {
+                            126 => 2,
+                            127 => 8,
+                            _ => 0,
+                        };
+                        let mask = if header[1] & 0x80 != 0 { 4 } else { 0 };
+                        *need = 2 + extended + mask;
+                    }
+                    if *have == *need {
+                        let payload = match header[1] & 0x7F {
+                            126 => u64::from(u16::from_be_bytes([header[2], header[3]])),
+                            127 => u64::from_be_bytes(
+                                header[2..10].try_into().expect("invariant: 8 header bytes"),
+                            ),
+                            short => u64::from(short),
+                        };
+                        self.position = if payload == 0 {
+                            Position::START
+                        } else {
+                            Position::Payload { remaining: payload }
+                        };
+                    }
+                }
+            }
+        }
+        None
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for FrameGuard<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.violated.load(Ordering::Acquire) != 0 {
+            // Wake every time: the engine may poll twice with different wakers, and the
+            // echo loop checks the flag as soon as the engine has no frame left, so this
+            // cannot spin.
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        let before = buf.filled().len();
+        std::task::ready!(Pin::new(&mut self.inner).poll_read(cx, buf))?;
+        let after = buf.filled().len();
+        if after == before {
+            return Poll::Ready(Ok(()));
+        }
+        let Some((offset, refusal)) = self.scan(&buf.filled()[before..after]) else {
+            return Poll::Ready(Ok(()));
+        };
+        self.violated.store(refusal as u8, Ordering::Release);
+        buf.set_filled(before + offset);
+        if offset == 0 {
+            // Returning no bytes would read as end of stream; wait for the loop instead.
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for FrameGuard<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, duplex};
+
+    /// A masked client frame with `payload_len` zero bytes of payload.
+    fn frame(opcode: u8, payload_len: usize) -> Vec<u8> {
+        let mut frame = vec![0x80 | opcode];
+        match payload_len {
+            0..=125 => frame.push(0x80 | payload_len as u8),
+            126..=0xFFFF => {
+                frame.push(0x80 | 126);
+                frame.extend_from_slice(&(payload_len as u16).to_be_bytes());
+            }
+            _ => {
+                frame.push(0x80 | 127);
+                frame.extend_from_slice(&(payload_len as u64).to_be_bytes());
+            }
+        }
+        frame.extend_from_slice(&[1, 2, 3, 4]);
+        frame.resize(frame.len() + payload_len, 0);
+        frame
+    }
+
+    #[tokio::test]
+    async fn frames_within_limits_pass_unchanged() {
+        let (client, server) = duplex(1 << 20);
+        let (mut guarded, violation) = guard(server);
+        let mut sent = frame(0x2, 70_000);
+        sent.extend(frame(0x9, 125));
+        sent.extend(frame(0x1, 0));
+        sent.extend(frame(0x8, 2));
+        let mut client = client;
+        client.write_all(&sent).await.unwrap();
+        drop(client);
+        let mut received = Vec::new();
+        guarded.read_to_end(&mut received).await.unwrap();
+        assert_eq!(received, sent);
+        assert_eq!(violation.occurred(), None);
+    }
+
+    #[tokio::test]
+    async fn oversized_close_is_withheld_and_flagged() {
+        let (mut client, server) = duplex(1 << 16);
+        let (mut guarded, violation) = guard(server);
+        let good = frame(0x1, 5);
+        let mut sent = good.clone();
+        sent.extend(frame(0x8, 126));
+        client.write_all(&sent).await.unwrap();
+        let mut received = vec![0; 1024];
+        let n = guarded.read(&mut received).await.unwrap();
+        assert_eq!(&received[..n], &good[..]);
+        assert_eq!(violation.occurred(), Some(Refusal::OversizedControl));
+        let next = tokio::time::timeout(
+            std::time::Duration::from_millis(50),
+            guarded.read(&mut received),
+        )
+        .await;
+        assert!(next.is_err(), "nothing after the oversized frame is read");
+    }
+
+    #[test]
+    fn header_split_across_reads_is_followed() {
+        let (guarded, _violation) = guard(());
+        let mut guarded = guarded;
+        let sent = frame(0x2, 300);
+        for byte in &sent {
+            assert_eq!(guarded.scan(std::slice::from_ref(byte)), None);
+        }
+        let bad = frame(0xA, 126);
+        assert_eq!(guarded.scan(&bad[..1]), None);
+        assert_eq!(
+            guarded.scan(&bad[1..]),
+            Some((0, Refusal::OversizedControl))
+        );
+    }
+
+    #[test]
+    fn reserved_opcodes_and_misplaced_rsv1_are_refused() {
+        for opcode in [0x3, 0x7, 0xB, 0xF] {
+            assert_eq!(
+                Refusal::check(0x80 | opcode, 0x80),
+                Some(Refusal::ReservedOpcode)
+            );
+        }
+        assert_eq!(
+            Refusal::check(0xC9, 0x80),
+            Some(Refusal::MisplacedRsv1),
+            "ping"
+        );
+        assert_eq!(
+            Refusal::check(0xC0, 0x80),
+            Some(Refusal::MisplacedRsv1),
+            "continuation"
+        );
+        assert_eq!(
+            Refusal::check(0xC1, 0x80),
+            None,
+            "compressed text is fine here"
+        );
+    }
+}

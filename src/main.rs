@@ -1,0 +1,52 @@
+//! The `ws_echo` binary: parse the configuration, install logging, bind, serve until
+//! Ctrl-C or SIGTERM, exit 0 after the drain.
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use tokio::net::TcpListener;
+use tracing_subscriber::{EnvFilter, fmt, prelude::*};
+use ws_echo::{Config, LogFormat};
+
+fn main() -> anyhow::Result<ExitCode> {
+    let config = Config::parse();
+    init_tracing(&config.log_level, config.log_format)?;
+    let settings = config.into_settings()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("could not start the tokio runtime")?;
+    runtime.block_on(async {
+        let listener = TcpListener::bind(settings.addr)
+            .await
+            .with_context(|| format!("could not listen on {}", settings.addr))?;
+        ws_echo::run(listener, settings, ws_echo::shutdown_signal()).await?;
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// Installs the global subscriber. `RUST_LOG`, when set, wins over `--log-level`; a bare
+/// level such as `debug` applies to ws_echo and tower_http only, so dependencies stay
+/// quiet.
+fn init_tracing(level: &str, format: LogFormat) -> anyhow::Result<()> {
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(filter) if !filter.is_empty() => EnvFilter::try_new(filter),
+        _ if level.contains('=') => EnvFilter::try_new(level),
+        _ => EnvFilter::try_new(format!("ws_echo={level},tower_http={level}")),
+    }
+    .context("invalid log filter")?;
+    let registry = tracing_subscriber::registry().with(filter);
+    match format {
+        LogFormat::Text => registry.with(fmt::layer()).init(),
+        LogFormat::Json => registry
+            .with(
+                fmt::layer()
+                    .json()
+                    .with_current_span(true)
+                    .with_span_list(false),
+            )
+            .init(),
+    }
+    Ok(())
+}
