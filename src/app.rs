@@ -6,11 +6,12 @@ use std::{net::SocketAddr, sync::Arc};
 use axum::{
     Router,
     extract::State,
-    http::StatusCode,
+    http::{HeaderName, HeaderValue, StatusCode},
     routing::{any, get},
 };
 use tokio::sync::Semaphore;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tower_http::set_header::SetResponseHeaderLayer;
 
 use crate::{config::Settings, echo, page};
 
@@ -55,13 +56,20 @@ pub(crate) struct PeerAddr(pub(crate) SocketAddr);
 /// All routes. `/ws` takes any method: HTTP/1.1 upgrades arrive as GET and HTTP/2 ones
 /// (RFC 8441) as CONNECT, and the handler answers other methods with 405.
 pub(crate) fn router(state: AppState) -> Router {
+    let served_by = HeaderValue::from_str(&state.settings.instance_name)
+        .expect("invariant: Config::into_settings checked the instance name");
     Router::new()
         .route("/", get(page::index))
         .route("/ws", any(echo::upgrade))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .with_state(state)
+        // On every response, the 101 of an upgrade included.
+        .layer(SetResponseHeaderLayer::overriding(SERVED_BY, served_by))
 }
+
+/// The response header that names the instance that answered.
+pub(crate) const SERVED_BY: HeaderName = HeaderName::from_static("x-served-by");
 
 /// `GET /healthz`: the process is alive and serving HTTP.
 async fn healthz() -> &'static str {

@@ -140,6 +140,11 @@ pub struct Config {
     /// Never select a subprotocol.
     #[arg(long, env = "WS_ECHO_NO_SUBPROTOCOL", conflicts_with = "subprotocols")]
     pub no_subprotocol: bool,
+
+    /// Name sent in the `X-Served-By` header of every response, to tell replicas apart
+    /// behind a load balancer. [default: the host name]
+    #[arg(long, env = "WS_ECHO_INSTANCE_NAME", value_name = "NAME")]
+    pub instance_name: Option<String>,
 }
 
 /// Which subprotocol, if any, the server selects from a client's offer.
@@ -196,6 +201,8 @@ pub struct Settings {
     pub compression: CompressionSettings,
     /// Subprotocol selection.
     pub subprotocols: SubprotocolPolicy,
+    /// Value of the `X-Served-By` response header.
+    pub instance_name: String,
 }
 
 impl Default for Settings {
@@ -220,8 +227,16 @@ impl Default for Settings {
                 threshold: DEFAULT_COMPRESSION_THRESHOLD,
             },
             subprotocols: SubprotocolPolicy::AcceptFirst,
+            instance_name: default_instance_name(),
         }
     }
+}
+
+/// The host name (a pod's name in Kubernetes), or `ws_echo` if it is not valid UTF-8.
+fn default_instance_name() -> String {
+    gethostname::gethostname()
+        .into_string()
+        .unwrap_or_else(|_| "ws_echo".into())
 }
 
 /// Turns a zero duration, which users type to mean "off", into `None`.
@@ -262,6 +277,12 @@ impl Config {
                 "--subprotocol {bad:?} is not an HTTP token"
             )));
         }
+        let instance_name = self.instance_name.unwrap_or_else(default_instance_name);
+        if axum::http::HeaderValue::from_str(&instance_name).is_err() {
+            return Err(Error::InvalidSettings(format!(
+                "--instance-name {instance_name:?} cannot be sent in an HTTP header"
+            )));
+        }
         let subprotocols = if self.no_subprotocol {
             SubprotocolPolicy::Never
         } else if self.subprotocols.is_empty() {
@@ -287,6 +308,7 @@ impl Config {
                 threshold: self.compression_threshold,
             },
             subprotocols,
+            instance_name,
         })
     }
 }
