@@ -1,7 +1,7 @@
 //! The `ws_echo` binary: parse the configuration, install logging, bind, serve until
 //! Ctrl-C or SIGTERM, exit 0 after the drain.
 
-use std::process::ExitCode;
+use std::{io::IsTerminal, process::ExitCode};
 
 use anyhow::Context;
 use clap::Parser;
@@ -38,7 +38,9 @@ fn init_tracing(level: &str, format: LogFormat) -> anyhow::Result<()> {
     .context("invalid log filter")?;
     let registry = tracing_subscriber::registry().with(filter);
     match format {
-        LogFormat::Text => registry.with(fmt::layer()).init(),
+        LogFormat::Text => registry
+            .with(fmt::layer().with_ansi(std::io::stdout().is_terminal()))
+            .init(),
         LogFormat::Json => registry
             .with(
                 fmt::layer()
