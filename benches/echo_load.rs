@@ -419,13 +419,17 @@ async fn echo_round(
     // and the switch of the phase.
     let server_before = server.cpu_ticks()?;
     let generator_before = procfs::own_cpu_ticks().map_err(|error| error.to_string())?;
+    let busy_before = procfs::busy_ticks_per_cpu().map_err(|error| error.to_string())?;
     let started = Instant::now();
     control.measure();
     tokio::time::sleep(timing.measure).await;
     control.stop();
     let elapsed = started.elapsed();
-    let server_after = server.cpu_ticks()?;
-    let generator_after = procfs::own_cpu_ticks().map_err(|error| error.to_string())?;
+    let server_ticks = server.cpu_ticks()?.since(server_before);
+    let generator_ticks = procfs::own_cpu_ticks()
+        .map_err(|error| error.to_string())?
+        .since(generator_before);
+    let busy_after = procfs::busy_ticks_per_cpu().map_err(|error| error.to_string())?;
     let rss = server.rss_kib()?;
 
     let mut tally = Tally::new();
@@ -439,10 +443,18 @@ async fn echo_round(
     .map_err(|_| format!("{name}: echoes still missing {DRAIN_TIMEOUT:?} after the round"))?
     .map_err(|error| format!("{name}: {error}"))?;
 
+    let busy = |cpu: usize| {
+        busy_after
+            .get(cpu)
+            .zip(busy_before.get(cpu))
+            .map_or(0, |(after, before)| after - before)
+    };
     figures.tally.add(&tally);
     figures.elapsed += elapsed;
-    figures.server_ticks += server_after - server_before;
-    figures.generator_ticks += generator_after - generator_before;
+    figures.server_ticks.add(server_ticks);
+    figures.generator_ticks.add(generator_ticks);
+    figures.others_ticks[0] += busy(servers::SERVER_CPU).saturating_sub(server_ticks.total());
+    figures.others_ticks[1] += busy(GENERATOR_CPU).saturating_sub(generator_ticks.total());
     figures.rss_peak_kib = figures.rss_peak_kib.max(rss);
     Ok(())
 }

@@ -4,7 +4,7 @@
 
 use std::{collections::BTreeMap, time::Duration};
 
-use crate::load::Tally;
+use crate::{load::Tally, procfs::CpuTicks};
 
 /// One server's figures for one echo workload, summed over its rounds.
 #[derive(Debug, Clone)]
@@ -12,10 +12,13 @@ pub(crate) struct EchoFigures {
     pub(crate) tally: Tally,
     /// Time inside the measured windows.
     pub(crate) elapsed: Duration,
-    /// Server CPU inside the measured windows, in clock ticks.
-    pub(crate) server_ticks: u64,
-    /// Generator CPU inside the same windows, in clock ticks.
-    pub(crate) generator_ticks: u64,
+    /// Server CPU inside the measured windows.
+    pub(crate) server_ticks: CpuTicks,
+    /// Generator CPU inside the same windows.
+    pub(crate) generator_ticks: CpuTicks,
+    /// Busy time of CPU 0 and CPU 1 that was neither the server's nor the generator's:
+    /// other processes on this shared machine, in clock ticks.
+    pub(crate) others_ticks: [u64; 2],
     /// The server's RSS before its first connection, in KiB.
     pub(crate) rss_start_kib: u64,
     /// Its highest RSS at the end of a measured window, in KiB.
@@ -28,8 +31,9 @@ impl EchoFigures {
         Self {
             tally: Tally::new(),
             elapsed: Duration::ZERO,
-            server_ticks: 0,
-            generator_ticks: 0,
+            server_ticks: CpuTicks::default(),
+            generator_ticks: CpuTicks::default(),
+            others_ticks: [0; 2],
             rss_start_kib,
             rss_peak_kib: rss_start_kib,
             connections,
@@ -52,16 +56,16 @@ impl EchoFigures {
         self.tally.latency.value_at_quantile(quantile) as f64 / 1e3
     }
 
+    fn us_per_message(&self, ticks: u64, ticks_per_second: u64) -> f64 {
+        ticks as f64 * 1e6 / ticks_per_second as f64 / self.tally.messages as f64
+    }
+
+    fn percent(&self, ticks: u64, ticks_per_second: u64) -> f64 {
+        ticks as f64 * 100.0 / ticks_per_second as f64 / self.seconds()
+    }
+
     fn server_cpu_us_per_message(&self, ticks_per_second: u64) -> f64 {
-        self.server_ticks as f64 * 1e6 / ticks_per_second as f64 / self.tally.messages as f64
-    }
-
-    fn server_cpu_percent(&self, ticks_per_second: u64) -> f64 {
-        self.server_ticks as f64 * 100.0 / ticks_per_second as f64 / self.seconds()
-    }
-
-    fn generator_cpu_percent(&self, ticks_per_second: u64) -> f64 {
-        self.generator_ticks as f64 * 100.0 / ticks_per_second as f64 / self.seconds()
+        self.us_per_message(self.server_ticks.total(), ticks_per_second)
     }
 
     fn rss_mib(&self) -> f64 {
@@ -162,13 +166,27 @@ pub(crate) fn print_echo(figures: &[EchoFigures; 2], ticks_per_second: u64) {
         row("server CPU µs/message", &|f| {
             f.server_cpu_us_per_message(tck)
         }),
-        row("server CPU %", &|f| f.server_cpu_percent(tck)),
+        row("  of which kernel (sys)", &|f| {
+            f.us_per_message(f.server_ticks.system, tck)
+        }),
+        row("server CPU %", &|f| f.percent(f.server_ticks.total(), tck)),
         row("server RSS MiB", &EchoFigures::rss_mib),
         row(
             "server RSS KiB/connection",
             &EchoFigures::rss_kib_per_connection,
         ),
-        row("generator CPU %", &|f| f.generator_cpu_percent(tck)),
+        row("generator CPU µs/message", &|f| {
+            f.us_per_message(f.generator_ticks.total(), tck)
+        }),
+        row("generator CPU %", &|f| {
+            f.percent(f.generator_ticks.total(), tck)
+        }),
+        row("others' load CPU 0 %", &|f| {
+            f.percent(f.others_ticks[0], tck)
+        }),
+        row("others' load CPU 1 %", &|f| {
+            f.percent(f.others_ticks[1], tck)
+        }),
         row("messages measured", &|f| f.tally.messages as f64),
     ]);
 }

@@ -30,6 +30,12 @@ const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// glibc tunables that keep memset and memcpy on vector loops at every size.
 const GLIBC_VECTOR_STRINGS: &str = "glibc.cpu.x86_rep_stosb_threshold=0x7fffffffffffffff:glibc.cpu.x86_rep_movsb_threshold=0x7fffffffffffffff";
 
+/// The environment variable whose words are put before each server's command.
+pub(crate) const WRAP_VARIABLE: &str = "ECHO_LOAD_WRAP";
+
+/// How long a dropped server gets to exit after SIGTERM before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
 /// Which server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Kind {
@@ -95,6 +101,11 @@ impl Server {
                 &format!("--callgrind-out-file={}", out.display()),
             ]);
         }
+        // A profiler to run each server under, e.g. "valgrind --tool=massif"; the
+        // server must still print its address, which valgrind's tools all let it do.
+        if let Ok(wrap) = std::env::var(WRAP_VARIABLE) {
+            command.args(wrap.split_whitespace());
+        }
         match kind {
             Kind::WsEcho => {
                 command
@@ -150,7 +161,7 @@ impl Server {
     }
 
     /// User plus system CPU time of the whole process so far, in clock ticks.
-    pub(crate) fn cpu_ticks(&self) -> Result<u64, Error> {
+    pub(crate) fn cpu_ticks(&self) -> Result<procfs::CpuTicks, Error> {
         procfs::cpu_ticks(self.pid).map_err(|error| format!("{}: {error}", self.kind.name()))
     }
 
@@ -178,10 +189,18 @@ impl Server {
 }
 
 impl Drop for Server {
+    /// SIGTERM first, so that ws_echo drains and a profiler wrapped around either server
+    /// (`ECHO_LOAD_WRAP`) writes its output; SIGKILL after [`STOP_GRACE`].
     fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
+        let deadline = Instant::now() + STOP_GRACE;
+        let _ = kill(Pid::from_raw(self.pid as i32), Signal::SIGTERM);
+        while let Ok(None) = self.child.try_wait() {
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                break;
+            }
+            thread::sleep(Duration::from_millis(10));
         }
     }
 }
