@@ -65,10 +65,13 @@ Runs every workload (W1 W1p W2 W3 W4 W5) or the ones named, against ws_echo and 
 tutorial baseline, and prints both servers' figures with the ratio ws_echo/baseline.
 
 options:
-  --quick              short rounds and fewer idle connections (CI; under a minute)
+  --quick              one short round per server, W4 at 10,000 only (CI; under a minute)
   --callgrind          instructions per echo under valgrind instead (W1 W1p by default)
   --client LIB         yawc (default) or tungstenite: the generator's client library
-  --ws-echo-arg ARG    pass ARG to ws_echo (repeatable), e.g. --ws-echo-arg=--no-compression";
+  --ws-echo-arg ARG    pass ARG to ws_echo (repeatable), e.g. --ws-echo-arg=--no-compression
+
+environment:
+  ECHO_LOAD_WRAP       words put before each server's command, e.g. \"valgrind --tool=massif\"";
 
 /// The command line, after the hidden baseline mode has been ruled out.
 #[derive(Debug)]
@@ -190,7 +193,7 @@ const WORKLOADS: [Workload; 6] = [
         about: "idle connections: server RSS per connection",
         shape: Shape::Idle {
             full: &[10_000, 19_000],
-            quick: &[2_000],
+            quick: &[10_000],
         },
     },
     Workload {
@@ -227,13 +230,13 @@ fn main() -> ExitCode {
     }
     let args = match Args::parse(&raw) {
         Ok(args) => args,
+        Err(message) if message.is_empty() => {
+            eprintln!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
         Err(message) => {
             eprintln!("{message}\n{USAGE}");
-            return if message.is_empty() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(2)
-            };
+            return ExitCode::from(2);
         }
     };
     // Before any thread exists, so every thread of the generator inherits both.
