@@ -1,0 +1,10 @@
+//! Integration tests: the server on a real socket (port 0), real clients.
+//!
+//! One test binary with topic modules, so it links once.
+
+mod conformance;
+mod echo;
+mod handshake;
+mod limits;
+mod shutdown;
+mod support;

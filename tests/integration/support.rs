@@ -1,0 +1,354 @@
+//! Test helpers: an in-process server on port 0, a WebSocket client (tokio-tungstenite),
+//! and a raw frame-level client for the cases a well-behaved client library refuses to
+//! produce.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::{net::SocketAddr, time::Duration};
+
+use bytes::{Buf, BufMut, BytesMut};
+use futures_util::{SinkExt, StreamExt};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+    sync::oneshot,
+    task::JoinHandle,
+};
+use tokio_tungstenite::{
+    MaybeTlsStream, WebSocketStream, connect_async,
+    tungstenite::{Message, protocol::CloseFrame},
+};
+use ws_echo::Settings;
+
+/// How long any single step of a test may take before the test fails.
+pub const STEP: Duration = Duration::from_secs(10);
+
+/// A client connected with tokio-tungstenite.
+pub type Client = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// A server running in this process on an ephemeral port; stopped on drop.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    handle: Option<JoinHandle<Result<(), ws_echo::Error>>>,
+}
+
+impl TestServer {
+    /// Starts a server with default settings.
+    pub async fn start() -> Self {
+        Self::with(Settings::default()).await
+    }
+
+    /// Starts a server with `settings` on 127.0.0.1:0.
+    pub async fn with(settings: Settings) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind port 0");
+        let addr = listener.local_addr().expect("local address");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let handle = tokio::spawn(ws_echo::run(listener, settings, async {
+            let _ = stopped.await;
+        }));
+        Self {
+            addr,
+            stop: Some(stop),
+            handle: Some(handle),
+        }
+    }
+
+    /// `ws://ADDR/ws`.
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/ws", self.addr)
+    }
+
+    /// Connects a tokio-tungstenite client to `/ws`.
+    pub async fn connect(&self) -> Client {
+        let (client, response) = tokio::time::timeout(STEP, connect_async(self.ws_url()))
+            .await
+            .expect("handshake in time")
+            .expect("handshake succeeds");
+        assert_eq!(response.status(), 101);
+        client
+    }
+
+    /// Opens a raw TCP connection and completes the opening handshake with `extra`
+    /// request headers. Returns the client and the response head.
+    pub async fn raw(&self, extra: &str) -> (RawClient, String) {
+        let mut stream = TcpStream::connect(self.addr).await.expect("connect");
+        let request = format!(
+            "GET /ws HTTP/1.1\r\nHost: {}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{extra}\r\n",
+            self.addr
+        );
+        stream
+            .write_all(request.as_bytes())
+            .await
+            .expect("send request");
+        let mut client = RawClient {
+            stream,
+            buffer: BytesMut::new(),
+        };
+        let head = client.read_head().await;
+        assert!(
+            head.starts_with("HTTP/1.1 101"),
+            "expected 101, got: {head}"
+        );
+        (client, head)
+    }
+
+    /// Sends a raw HTTP request and returns the whole response (the server closes or
+    /// the response ends within the step time).
+    pub async fn http(&self, request: &str) -> String {
+        let mut stream = TcpStream::connect(self.addr).await.expect("connect");
+        stream
+            .write_all(request.as_bytes())
+            .await
+            .expect("send request");
+        let mut client = RawClient {
+            stream,
+            buffer: BytesMut::new(),
+        };
+        client.read_head().await
+    }
+
+    /// Stops the server and waits for its drain to finish.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(handle) = self.handle.take() {
+            tokio::time::timeout(Duration::from_secs(20), handle)
+                .await
+                .expect("server stops in time")
+                .expect("server task does not panic")
+                .expect("server returns Ok");
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// Receives the next message, failing the test after [`STEP`].
+pub async fn recv(client: &mut Client) -> Message {
+    tokio::time::timeout(STEP, client.next())
+        .await
+        .expect("a message in time")
+        .expect("the stream is open")
+        .expect("a valid message")
+}
+
+/// Sends `message` and asserts the echo is identical.
+pub async fn assert_echoes(client: &mut Client, message: Message) {
+    client.send(message.clone()).await.expect("send");
+    let echo = recv(client).await;
+    assert!(echo == message, "echo differs from what was sent");
+}
+
+/// Receives until a Close arrives and returns its code and reason.
+pub async fn expect_close(client: &mut Client) -> (u16, String) {
+    loop {
+        match recv(client).await {
+            Message::Close(Some(CloseFrame { code, reason })) => {
+                return (code.into(), reason.to_string());
+            }
+            Message::Close(None) => return (1005, String::new()),
+            _ => continue,
+        }
+    }
+}
+
+/// A frame as the server sent it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawFrame {
+    pub fin: bool,
+    pub rsv1: bool,
+    pub opcode: u8,
+    pub payload: Vec<u8>,
+}
+
+impl RawFrame {
+    /// The close code of a Close frame (1005 when it carries none).
+    pub fn close_code(&self) -> u16 {
+        assert_eq!(self.opcode, 0x8, "expected a Close frame, got {self:?}");
+        if self.payload.len() < 2 {
+            1005
+        } else {
+            u16::from_be_bytes([self.payload[0], self.payload[1]])
+        }
+    }
+}
+
+/// A client that writes arbitrary frames and reads the server's frames one by one.
+pub struct RawClient {
+    pub stream: TcpStream,
+    buffer: BytesMut,
+}
+
+/// The mask every raw client frame uses; any value is valid.
+const MASK: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
+
+/// Encodes a client frame. `masked: false` produces an illegal unmasked client frame.
+pub fn encode_frame(fin: bool, rsv1: bool, opcode: u8, payload: &[u8], masked: bool) -> Vec<u8> {
+    let mut frame = BytesMut::new();
+    frame.put_u8((u8::from(fin) << 7) | (u8::from(rsv1) << 6) | opcode);
+    let mask_bit = if masked { 0x80 } else { 0 };
+    match payload.len() {
+        len @ 0..=125 => frame.put_u8(mask_bit | len as u8),
+        len @ 126..=0xFFFF => {
+            frame.put_u8(mask_bit | 126);
+            frame.put_u16(len as u16);
+        }
+        len => {
+            frame.put_u8(mask_bit | 127);
+            frame.put_u64(len as u64);
+        }
+    }
+    if masked {
+        frame.put_slice(&MASK);
+        frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ MASK[i % 4]));
+    } else {
+        frame.put_slice(payload);
+    }
+    frame.to_vec()
+}
+
+impl RawClient {
+    /// Sends one masked frame.
+    pub async fn send(&mut self, fin: bool, opcode: u8, payload: &[u8]) {
+        self.send_bytes(&encode_frame(fin, false, opcode, payload, true))
+            .await;
+    }
+
+    /// Sends bytes as they are.
+    pub async fn send_bytes(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).await.expect("write");
+    }
+
+    /// Reads the response head of an HTTP exchange (status line and headers).
+    async fn read_head(&mut self) -> String {
+        let deadline = tokio::time::Instant::now() + STEP;
+        loop {
+            if let Some(end) = self.buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = self.buffer.split_to(end + 4);
+                return String::from_utf8_lossy(&head).into_owned();
+            }
+            let read = tokio::time::timeout_at(deadline, self.stream.read_buf(&mut self.buffer))
+                .await
+                .expect("response head in time")
+                .expect("read");
+            if read == 0 {
+                return String::from_utf8_lossy(&self.buffer).into_owned();
+            }
+        }
+    }
+
+    /// Reads the next frame; `None` when the server closed the TCP connection.
+    pub async fn read_frame(&mut self) -> Option<RawFrame> {
+        let deadline = tokio::time::Instant::now() + STEP;
+        loop {
+            if let Some(frame) = self.parse_frame() {
+                return Some(frame);
+            }
+            let read = tokio::time::timeout_at(deadline, self.stream.read_buf(&mut self.buffer))
+                .await
+                .expect("a frame in time");
+            match read {
+                Ok(0) | Err(_) => return None,
+                Ok(_) => {}
+            }
+        }
+    }
+
+    /// Reads frames until a Close and returns it, failing on a data frame.
+    pub async fn expect_close(&mut self) -> RawFrame {
+        loop {
+            let frame = self
+                .read_frame()
+                .await
+                .expect("a Close frame before the connection ends");
+            match frame.opcode {
+                0x8 => return frame,
+                0xA => continue,
+                _ => panic!("expected Close, got {frame:?}"),
+            }
+        }
+    }
+
+    /// Asserts the server closes the TCP connection (after any Close frame).
+    pub async fn expect_eof(&mut self) {
+        while let Some(frame) = self.read_frame().await {
+            assert_eq!(
+                frame.opcode, 0x8,
+                "only a Close may come before the end, got {frame:?}"
+            );
+        }
+    }
+
+    fn parse_frame(&mut self) -> Option<RawFrame> {
+        let buf = &self.buffer[..];
+        if buf.len() < 2 {
+            return None;
+        }
+        assert_eq!(buf[1] & 0x80, 0, "server frames are never masked");
+        let (len, header) = match buf[1] & 0x7F {
+            126 if buf.len() >= 4 => (u16::from_be_bytes([buf[2], buf[3]]) as usize, 4),
+            127 if buf.len() >= 10 => (
+                u64::from_be_bytes(buf[2..10].try_into().unwrap()) as usize,
+                10,
+            ),
+            126 | 127 => return None,
+            short => (short as usize, 2),
+        };
+        if buf.len() < header + len {
+            return None;
+        }
+        let first = buf[0];
+        self.buffer.advance(header);
+        let payload = self.buffer.split_to(len).to_vec();
+        Some(RawFrame {
+            fin: first & 0x80 != 0,
+            rsv1: first & 0x40 != 0,
+            opcode: first & 0x0F,
+            payload,
+        })
+    }
+}
+
+/// Compresses `data` as one permessage-deflate message (RFC 7692 §7.2.1).
+pub fn deflate(data: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut encoder =
+        flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
+    encoder.write_all(data).expect("deflate");
+    encoder.flush().expect("sync flush");
+    let mut out = encoder.get_ref().clone();
+    assert!(
+        out.ends_with(&[0x00, 0x00, 0xff, 0xff]),
+        "a sync flush ends with an empty block"
+    );
+    out.truncate(out.len() - 4);
+    out
+}
+
+/// Decompresses one permessage-deflate message.
+pub fn inflate(data: &[u8]) -> Vec<u8> {
+    use flate2::{Decompress, FlushDecompress};
+    let mut input = data.to_vec();
+    input.extend_from_slice(&[0x00, 0x00, 0xff, 0xff]);
+    let mut decompressor = Decompress::new(false);
+    let mut out = Vec::with_capacity(data.len() * 4 + 1024);
+    loop {
+        let before = decompressor.total_in();
+        decompressor
+            .decompress_vec(&input[before as usize..], &mut out, FlushDecompress::Sync)
+            .expect("inflate");
+        if decompressor.total_in() as usize == input.len() {
+            return out;
+        }
+        out.reserve(out.capacity());
+    }
+}
