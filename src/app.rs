@@ -13,7 +13,7 @@ use tokio::sync::Semaphore;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tower_http::set_header::SetResponseHeaderLayer;
 
-use crate::{config::Settings, echo, page};
+use crate::{config::Settings, echo, limits::ConnectionLimits, page};
 
 /// State shared by every handler. Created once by `server::run`; each request gets a
 /// clone (all fields are reference-counted handles).
@@ -27,9 +27,11 @@ pub(crate) struct AppState {
     pub(crate) shutdown: CancellationToken,
     /// Tracks every connection task, so that shutdown can wait for them.
     pub(crate) tracker: TaskTracker,
-    /// One permit per open WebSocket, `max_connections` in all. A permit is moved into
-    /// the connection's task and released when the task ends.
-    pub(crate) connections: Arc<Semaphore>,
+    /// Caps on open WebSockets. An admission is moved into the connection's task and
+    /// frees its place when the task ends.
+    pub(crate) limits: Arc<ConnectionLimits>,
+    /// The read budget in bytes, shared by every WebSocket (see `frame_guard`).
+    pub(crate) read_budget: Arc<Semaphore>,
 }
 
 impl AppState {
@@ -41,7 +43,11 @@ impl AppState {
     ) -> Self {
         Self {
             echo: Arc::new(echo::EchoConfig::new(&settings)),
-            connections: Arc::new(Semaphore::new(settings.max_connections)),
+            limits: Arc::new(ConnectionLimits::new(
+                settings.max_connections,
+                settings.max_connections_per_ip,
+            )),
+            read_budget: Arc::new(Semaphore::new(settings.buffer_budget)),
             settings: Arc::new(settings),
             shutdown,
             tracker,

@@ -8,7 +8,7 @@ use std::{net::SocketAddr, time::Duration};
 
 use clap::{Parser, ValueEnum};
 
-use crate::{DEFAULT_ADDR, Error};
+use crate::{DEFAULT_ADDR, Error, origin::OriginPattern};
 
 /// Largest message echoed by default: 16 MiB. Autobahn's 9.x cases send messages of up
 /// to 16 MiB, and a test server should take them; the global budget below keeps many
@@ -31,6 +31,11 @@ pub(crate) const DEFAULT_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 pub(crate) const DEFAULT_MAX_CONNECTIONS: usize = 19_000;
 /// Unsent echo bytes per connection past which the server stops reading from it.
 pub(crate) const DEFAULT_WRITE_BUFFER_LIMIT: usize = 128 * 1024;
+/// Bytes all connections together may hold past their free allowance (see
+/// `frame_guard`) before reading pauses: bounds memory under bulk traffic.
+pub(crate) const DEFAULT_BUFFER_BUDGET: usize = 256 * 1024 * 1024;
+/// How long an echo may wait for a client that does not read before it is closed.
+pub(crate) const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// Deflate level used when compression is negotiated (0–9).
 pub(crate) const DEFAULT_COMPRESSION_LEVEL: u32 = 1;
 /// Messages smaller than this are sent uncompressed even when deflate is negotiated.
@@ -87,6 +92,15 @@ pub struct Config {
     #[arg(long, env = "WS_ECHO_WRITE_BUFFER_LIMIT", default_value_t = DEFAULT_WRITE_BUFFER_LIMIT, value_name = "BYTES")]
     pub write_buffer_limit: usize,
 
+    /// Bytes all connections together may buffer before reading pauses (each connection
+    /// also holds up to 64 KiB outside this budget). At least the largest message.
+    #[arg(long, env = "WS_ECHO_BUFFER_BUDGET", default_value_t = DEFAULT_BUFFER_BUDGET, value_name = "BYTES")]
+    pub buffer_budget: usize,
+
+    /// Close (1008) a client that has not read its echoes for this long; 0 never does.
+    #[arg(long, env = "WS_ECHO_STALL_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub stall_timeout: Duration,
+
     /// How long open WebSockets get to close after Ctrl-C or SIGTERM.
     #[arg(long, env = "WS_ECHO_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub shutdown_timeout: Duration,
@@ -114,6 +128,26 @@ pub struct Config {
     /// Most WebSockets open at once; further handshakes get 503 with Retry-After.
     #[arg(long, env = "WS_ECHO_MAX_CONNECTIONS", default_value_t = DEFAULT_MAX_CONNECTIONS, value_name = "N")]
     pub max_connections: usize,
+
+    /// Most WebSockets open at once from one client address (429 past it); 0 is no cap.
+    #[arg(
+        long,
+        env = "WS_ECHO_MAX_CONNECTIONS_PER_IP",
+        default_value_t = 0,
+        value_name = "N"
+    )]
+    pub max_connections_per_ip: usize,
+
+    /// Accept browser handshakes only from these origins (repeatable; `*` matches any
+    /// run of characters except `/`, e.g. `https://*.example.com`). Refused origins get
+    /// 403. By default every origin is allowed.
+    #[arg(
+        long = "allowed-origin",
+        env = "WS_ECHO_ALLOWED_ORIGINS",
+        value_delimiter = ',',
+        value_name = "ORIGIN"
+    )]
+    pub allowed_origins: Vec<String>,
 
     /// Turn permessage-deflate (RFC 7692) off: offers are declined.
     #[arg(long, env = "WS_ECHO_NO_COMPRESSION")]
@@ -183,6 +217,10 @@ pub struct Settings {
     pub max_frame_size: usize,
     /// Unsent bytes per connection past which reading from it pauses.
     pub write_buffer_limit: usize,
+    /// Bytes all connections may hold past their free allowance.
+    pub buffer_budget: usize,
+    /// Close a client that has not read for this long; `None` never does.
+    pub stall_timeout: Option<Duration>,
     /// Deadline for open WebSockets after shutdown begins.
     pub shutdown_timeout: Duration,
     /// Keepalive ping interval; `None` sends none.
@@ -197,6 +235,10 @@ pub struct Settings {
     pub close_timeout: Duration,
     /// Most WebSockets open at once.
     pub max_connections: usize,
+    /// Most WebSockets open at once per client address; `None` is no cap.
+    pub max_connections_per_ip: Option<usize>,
+    /// Origins allowed to open a WebSocket; empty allows all.
+    pub allowed_origins: Vec<OriginPattern>,
     /// permessage-deflate settings.
     pub compression: CompressionSettings,
     /// Subprotocol selection.
@@ -214,6 +256,8 @@ impl Default for Settings {
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
             max_frame_size: DEFAULT_MAX_FRAME_SIZE,
             write_buffer_limit: DEFAULT_WRITE_BUFFER_LIMIT,
+            buffer_budget: DEFAULT_BUFFER_BUDGET,
+            stall_timeout: Some(DEFAULT_STALL_TIMEOUT),
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
             ping_interval: Some(DEFAULT_PING_INTERVAL),
             ping_timeout: DEFAULT_PING_TIMEOUT,
@@ -221,6 +265,8 @@ impl Default for Settings {
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             close_timeout: DEFAULT_CLOSE_TIMEOUT,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_ip: None,
+            allowed_origins: Vec::new(),
             compression: CompressionSettings {
                 enabled: true,
                 level: DEFAULT_COMPRESSION_LEVEL,
@@ -267,6 +313,19 @@ impl Config {
                 self.compression_level
             )));
         }
+        let largest = self.max_message_size.max(self.max_frame_size);
+        if self.buffer_budget < largest {
+            return Err(Error::InvalidSettings(format!(
+                "--buffer-budget ({}) must be at least the largest message or frame ({largest})",
+                self.buffer_budget
+            )));
+        }
+        let allowed_origins = self
+            .allowed_origins
+            .iter()
+            .map(|pattern| OriginPattern::parse(pattern))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(Error::InvalidSettings)?;
         if self.max_connections == 0 {
             return Err(Error::InvalidSettings(
                 "--max-connections must be at least 1".into(),
@@ -295,6 +354,8 @@ impl Config {
             max_message_size: self.max_message_size,
             max_frame_size: self.max_frame_size,
             write_buffer_limit: self.write_buffer_limit,
+            buffer_budget: self.buffer_budget,
+            stall_timeout: nonzero(self.stall_timeout),
             shutdown_timeout: self.shutdown_timeout,
             ping_interval: nonzero(self.ping_interval),
             ping_timeout: self.ping_timeout,
@@ -302,6 +363,9 @@ impl Config {
             handshake_timeout: self.handshake_timeout,
             close_timeout: self.close_timeout,
             max_connections: self.max_connections,
+            max_connections_per_ip: (self.max_connections_per_ip > 0)
+                .then_some(self.max_connections_per_ip),
+            allowed_origins,
             compression: CompressionSettings {
                 enabled: !self.no_compression,
                 level: self.compression_level,
@@ -410,6 +474,41 @@ mod tests {
         assert!(
             Config::try_parse_from(["ws_echo", "--no-subprotocol", "--subprotocol", "x"]).is_err()
         );
+    }
+
+    #[test]
+    fn budget_smaller_than_a_message_is_rejected() {
+        let bad = Config {
+            port: None,
+            ..parse(&[
+                "--buffer-budget",
+                "1000",
+                "--max-message-size",
+                "2000",
+                "--max-frame-size",
+                "2000",
+            ])
+        };
+        assert!(bad.into_settings().is_err());
+    }
+
+    #[test]
+    fn origin_patterns_are_parsed_and_checked() {
+        let ok = Config {
+            port: None,
+            ..parse(&[
+                "--allowed-origin",
+                "https://*.example.com",
+                "--allowed-origin",
+                "http://localhost:*",
+            ])
+        };
+        assert_eq!(ok.into_settings().unwrap().allowed_origins.len(), 2);
+        let bad = Config {
+            port: None,
+            ..parse(&["--allowed-origin", "example.com"])
+        };
+        assert!(bad.into_settings().is_err());
     }
 
     #[test]

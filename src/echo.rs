@@ -44,8 +44,9 @@ use crate::{
     app::{AppState, PeerAddr},
     assembly::{Assembler, Kind, Part},
     config::Settings,
-    frame_guard::{self, Violation},
+    frame_guard::{self, GuardHandle},
     handshake,
+    limits::Full,
 };
 
 /// Longest text payload shown in a debug log line; longer ones are shortened.
@@ -101,23 +102,48 @@ pub(crate) async fn upgrade(State(state): State<AppState>, mut request: Request)
     let peer = request.extensions().get::<PeerAddr>().map(|peer| peer.0);
     let accepted = match handshake::accept(&request, &state.settings) {
         Ok(accepted) => accepted,
+        Err(rejection @ handshake::Rejection::ForbiddenOrigin) => {
+            let origin = request
+                .headers()
+                .get(header::ORIGIN)
+                .map(|o| String::from_utf8_lossy(o.as_bytes()).into_owned());
+            info!(peer = ?peer, origin = origin.as_deref().unwrap_or("-"), "handshake refused: origin not in --allowed-origin");
+            return rejection.into_response();
+        }
         Err(rejection) => {
             debug!(peer = ?peer, reason = rejection.reason(), "handshake refused");
             return rejection.into_response();
         }
     };
-    let Ok(permit) = Arc::clone(&state.connections).try_acquire_owned() else {
-        warn!(peer = ?peer, limit = state.settings.max_connections, "connection limit reached");
+    if state.shutdown.is_cancelled() {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             [(header::RETRY_AFTER, "1")],
-            "too many open WebSockets; retry shortly\n",
+            "shutting down\n",
         )
             .into_response();
-    };
-    if state.shutdown.is_cancelled() {
-        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
     }
+    let admission = match state.limits.admit(peer.map(|peer| peer.ip())) {
+        Ok(admission) => admission,
+        Err(Full::Server) => {
+            warn!(peer = ?peer, limit = state.limits.max(), "connection limit reached");
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                [(header::RETRY_AFTER, "1")],
+                "too many open WebSockets; retry shortly\n",
+            )
+                .into_response();
+        }
+        Err(Full::Address) => {
+            warn!(peer = ?peer, "per-address connection limit reached");
+            return (
+                StatusCode::TOO_MANY_REQUESTS,
+                [(header::RETRY_AFTER, "1")],
+                "too many open WebSockets from this address\n",
+            )
+                .into_response();
+        }
+    };
     let on_upgrade = hyper::upgrade::on(&mut request);
     let response = accepted.response();
     let id = state.echo.next_id.fetch_add(1, Ordering::Relaxed);
@@ -133,7 +159,7 @@ pub(crate) async fn upgrade(State(state): State<AppState>, mut request: Request)
                 }
             };
             serve(TokioIo::new(upgraded), accepted, &task_state).await;
-            drop(permit);
+            drop(admission);
         }
         .instrument(span),
     );
@@ -168,7 +194,7 @@ where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     let started = Instant::now();
-    let (io, violation) = frame_guard::guard(io);
+    let (io, guard) = frame_guard::guard(io, Arc::clone(&state.read_budget));
     let compressed = accepted.extensions.is_some();
     let mut ws = match WebSocket::from_stream_with_extensions(
         io,
@@ -189,7 +215,7 @@ where
         compressed, "connection opened"
     );
     let mut stats = Stats::default();
-    let ending = EchoLoop::new(&state.settings, violation)
+    let ending = EchoLoop::new(&state.settings, guard)
         .run(&mut ws, &mut stats, &state.shutdown)
         .await;
     let duration_ms = started.elapsed().as_millis() as u64;
@@ -231,7 +257,8 @@ enum Event {
 /// The state of one connection's echo loop.
 struct EchoLoop<'a> {
     settings: &'a Settings,
-    violation: Violation,
+    /// The frame guard's refusals and the read budget.
+    guard: GuardHandle,
     /// Reassembles fragmented messages and validates text.
     assembler: Assembler,
     /// An echo (or ping) that did not fit in the write buffer yet. While it waits, the
@@ -239,6 +266,8 @@ struct EchoLoop<'a> {
     pending: Option<Frame>,
     /// Frames were queued since the last flush.
     unflushed: bool,
+    /// Since when `pending` has been waiting for a client that does not read.
+    stalled_since: Option<Instant>,
     /// When the last message arrived, for the idle timeout.
     last_message: Instant,
     /// When the next keepalive ping is due.
@@ -250,14 +279,15 @@ struct EchoLoop<'a> {
 }
 
 impl<'a> EchoLoop<'a> {
-    fn new(settings: &'a Settings, violation: Violation) -> Self {
+    fn new(settings: &'a Settings, guard: GuardHandle) -> Self {
         let now = Instant::now();
         Self {
             settings,
-            violation,
+            guard,
             assembler: Assembler::new(settings.max_message_size),
             pending: None,
             unflushed: false,
+            stalled_since: None,
             last_message: now,
             next_ping: settings.ping_interval.map(|interval| now + interval),
             awaiting_pong: None,
@@ -275,7 +305,11 @@ impl<'a> EchoLoop<'a> {
             .settings
             .idle_timeout
             .map(|idle| self.last_message + idle);
-        [self.next_ping, pong, idle]
+        let stall = self
+            .stalled_since
+            .zip(self.settings.stall_timeout)
+            .map(|(since, limit)| since + limit);
+        [self.next_ping, pong, idle, stall]
             .into_iter()
             .flatten()
             .min()
@@ -347,11 +381,17 @@ impl<'a> EchoLoop<'a> {
                             return Poll::Ready(Event::WriteFailed(error));
                         }
                         self.unflushed = true;
+                        self.stalled_since = None;
                     }
                     Poll::Ready(Err(error)) => return Poll::Ready(Event::WriteFailed(error)),
                     Poll::Pending => {
                         // The client is not reading: neither do we.
                         self.pending = Some(frame);
+                        if self.stalled_since.is_none() && self.settings.stall_timeout.is_some() {
+                            trace!("client is not reading its echoes; reading paused");
+                            self.stalled_since = Some(Instant::now());
+                            timer.as_mut().reset(self.next_deadline());
+                        }
                         return match timer.as_mut().poll(cx) {
                             Poll::Ready(()) => Poll::Ready(Event::Timer),
                             Poll::Pending => Poll::Pending,
@@ -364,7 +404,7 @@ impl<'a> EchoLoop<'a> {
             }
             // Frames before a refused header are echoed first: the guard passes them on
             // and only then stops the stream.
-            if let Some(refusal) = self.violation.occurred() {
+            if let Some(refusal) = self.guard.occurred() {
                 return Poll::Ready(Event::Refused(refusal));
             }
             if self.unflushed {
@@ -373,6 +413,11 @@ impl<'a> EchoLoop<'a> {
                     Poll::Ready(Err(error)) => return Poll::Ready(Event::WriteFailed(error)),
                     Poll::Pending => {}
                 }
+            }
+            if !self.unflushed && !self.assembler.in_progress() {
+                // Everything read so far is echoed and written out: its bytes no longer
+                // count against the read budget.
+                self.guard.release_delivered();
             }
             match timer.as_mut().poll(cx) {
                 Poll::Ready(()) => Poll::Ready(Event::Timer),
@@ -485,6 +530,16 @@ impl<'a> EchoLoop<'a> {
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
         let now = Instant::now();
+        if let (Some(since), Some(limit)) = (self.stalled_since, self.settings.stall_timeout) {
+            if now >= since + limit {
+                // The write side is full, so this Close is sent only if room appears.
+                let reason = "client stopped reading its echoes";
+                let _ = ws
+                    .send(Frame::close(CloseCode::Policy, reason))
+                    .now_or_never();
+                return Some(Ending::ServerClosed(1008, reason));
+            }
+        }
         if let Some((_, sent_at)) = self.awaiting_pong {
             if now >= sent_at + self.settings.ping_timeout {
                 // The peer is not answering; there is no handshake to wait for.

@@ -16,6 +16,8 @@
 //! - `echo`: `GET /ws`, the per-connection echo loop; the only module that knows the
 //!   WebSocket engine.
 //! - `frame_guard`: a read-side guard for what the engine does not check itself.
+//! - `limits`: caps on open WebSockets, in all and per client address.
+//! - `origin`: which web origins may connect.
 //! - `page`: `GET /`, the embedded HTML page.
 //! - `shutdown`: OS signals and the drain of open connections.
 //! - `error`: the errors a caller of this library can act on.
@@ -41,13 +43,16 @@ mod echo;
 mod error;
 mod frame_guard;
 mod handshake;
+mod limits;
+mod origin;
 mod page;
 mod server;
 mod shutdown;
 
 pub use config::{CompressionSettings, Config, LogFormat, Settings, SubprotocolPolicy};
 pub use error::Error;
-pub use server::run;
+pub use origin::OriginPattern;
+pub use server::{Server, run};
 pub use shutdown::shutdown_signal;
 
 /// The address the server listens on when none is configured: the tutorial's.

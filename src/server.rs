@@ -6,15 +6,19 @@
 //! (slowloris), `TCP_NODELAY` (echoes are small and latency-bound), the peer address for
 //! logs, HTTP/2 extended CONNECT (RFC 8441), and a drain that covers upgraded sockets.
 
-use std::{future::Future, io, time::Duration};
+use std::{future::Future, io, net::SocketAddr, sync::Arc, time::Duration};
 
-use axum::{extract::Request, http::Response};
+use axum::extract::Request;
 use hyper::body::Incoming;
 use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
     server::conn::auto,
 };
-use tokio::net::TcpListener;
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::TcpListener,
+    sync::Notify,
+};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tower::ServiceExt;
 use tracing::{debug, info, warn};
@@ -65,23 +69,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
     let local = listener.local_addr()?;
-    let token = CancellationToken::new();
-    let tracker = TaskTracker::new();
-    let deadline = settings.shutdown_timeout;
-    let handshake_timeout = settings.handshake_timeout;
-    let state = AppState::new(settings, token.clone(), tracker.clone());
-    let router = app::router(state);
-
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(handshake_timeout);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .enable_connect_protocol();
-
+    let server = Server::new(settings);
     info!(url = %format!("http://{local}/"), websocket = %format!("ws://{local}/ws"), "ws_echo listening");
     tokio::pin!(shutdown);
     loop {
@@ -100,20 +88,114 @@ pub async fn run(
         if let Err(error) = stream.set_nodelay(true) {
             debug!(%peer, %error, "could not set TCP_NODELAY");
         }
-        let router = router.clone();
+        server.spawn_connection(stream, peer);
+    }
+    let remaining = server.drain().await;
+    info!(remaining, "ws_echo stopped");
+    Ok(())
+}
+
+/// One server's shared machinery: the router, the HTTP builder, and the drain.
+///
+/// [`run`] is the usual way in. `Server` serves connections accepted elsewhere: tests
+/// and fuzzing drive it over in-memory streams, and an embedder can feed it its own
+/// transport.
+///
+/// # Example
+///
+/// ```no_run
+/// # async fn example() {
+/// let server = ws_echo::Server::new(ws_echo::Settings::default());
+/// let (client, server_side) = tokio::io::duplex(64 * 1024);
+/// server.spawn_connection(server_side, "127.0.0.1:9".parse().unwrap());
+/// // ... speak HTTP and WebSocket over `client` ...
+/// # drop(client);
+/// server.drain().await;
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Server {
+    /// The router with its state; cloned into each connection's service.
+    router: axum::Router,
+    /// HTTP/1.1 + HTTP/2 settings shared by every connection.
+    builder: auto::Builder<TokioExecutor>,
+    /// Cancelled when the drain begins.
+    token: CancellationToken,
+    /// Every HTTP connection and every WebSocket runs in here.
+    tracker: TaskTracker,
+    /// How long [`Server::drain`] waits.
+    deadline: Duration,
+    /// How long a new connection has to deliver its first request's headers.
+    handshake_timeout: Duration,
+}
+
+impl Server {
+    /// A server with `settings`, serving nothing yet.
+    pub fn new(settings: Settings) -> Self {
+        let token = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let deadline = settings.shutdown_timeout;
+        let handshake_timeout = settings.handshake_timeout;
+        let router = app::router(AppState::new(settings, token.clone(), tracker.clone()));
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(handshake_timeout);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .enable_connect_protocol();
+        Self {
+            router,
+            builder,
+            token,
+            tracker,
+            deadline,
+            handshake_timeout,
+        }
+    }
+
+    /// Serves HTTP (and WebSockets upgraded from it) on `io` in a task of its own.
+    /// `peer` is the address logged and used for per-address limits.
+    pub fn spawn_connection<I>(&self, io: I, peer: SocketAddr)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let router = self.router.clone();
+        // Set when the first request's headers are in. hyper's own header timeout starts
+        // only once the protocol is known, and the HTTP/1-or-2 detection before it waits
+        // for bytes without limit, so a silent connection would be held forever.
+        let first_request = Arc::new(Notify::new());
+        let request_arrived = Arc::clone(&first_request);
         let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+            request_arrived.notify_one();
             let mut request = request.map(axum::body::Body::new);
             request.extensions_mut().insert(PeerAddr(peer));
             router.clone().oneshot(request)
         });
-        let connection = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+        let connection = self
+            .builder
+            .serve_connection_with_upgrades(TokioIo::new(io), service)
             .into_owned();
-        let token = token.clone();
-        tracker.spawn(async move {
+        let token = self.token.clone();
+        let handshake_timeout = self.handshake_timeout;
+        self.tracker.spawn(async move {
             tokio::pin!(connection);
+            let handshake_deadline = async {
+                if tokio::time::timeout(handshake_timeout, first_request.notified())
+                    .await
+                    .is_ok()
+                {
+                    std::future::pending::<()>().await;
+                }
+            };
             let result = tokio::select! {
                 result = connection.as_mut() => result,
+                () = handshake_deadline => {
+                    debug!(%peer, "no request headers within the handshake timeout; closing");
+                    return;
+                }
                 () = token.cancelled() => {
                     // Finish the request in flight, then close; idle keep-alive
                     // connections close at once.
@@ -127,9 +209,12 @@ pub async fn run(
         });
     }
 
-    let remaining = shutdown::drain(&token, &tracker, deadline).await;
-    info!(remaining, "ws_echo stopped");
-    Ok(())
+    /// Begins the drain and waits for it: no new WebSockets, Close 1001 to open ones,
+    /// then up to the shutdown timeout for them to close. Returns how many connections
+    /// were still open at the deadline.
+    pub async fn drain(&self) -> usize {
+        shutdown::drain(&self.token, &self.tracker, self.deadline).await
+    }
 }
 
 /// Logs an accept error. None of them stops the server: they concern one connection
@@ -137,6 +222,3 @@ pub async fn run(
 fn accept_error(error: &io::Error) {
     warn!(%error, "accept failed");
 }
-
-/// Type check: the router's responses are what hyper serves.
-const _: fn(Response<axum::body::Body>) = |_| {};

@@ -1,78 +1,11 @@
 //! Graceful shutdown of the real binary: SIGTERM with 50 WebSockets open.
 
-use std::{
-    io::{BufRead, BufReader},
-    process::{Child, Command, Stdio},
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use futures_util::SinkExt;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::support::{expect_close, recv};
-
-/// The binary, killed on drop if a test fails before it exits.
-struct ServerProcess {
-    child: Child,
-    port: u16,
-}
-
-impl ServerProcess {
-    /// Starts `ws_echo` on 127.0.0.1:0 and reads its port from the first log line.
-    fn start(args: &[&str]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ws_echo"))
-            .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
-            .args(args)
-            .env_remove("RUST_LOG")
-            .env_remove("PORT")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start ws_echo");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let mut first_line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut first_line)
-            .expect("read the listening line");
-        let port = first_line
-            .split("\"url\":\"http://127.0.0.1:")
-            .nth(1)
-            .and_then(|rest| rest.split('/').next())
-            .and_then(|port| port.parse().ok())
-            .unwrap_or_else(|| panic!("no listening URL in {first_line:?}"));
-        Self { child, port }
-    }
-
-    fn terminate(&self) {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(status.success());
-    }
-
-    /// Waits for the process to exit, up to `limit`.
-    fn wait(&mut self, limit: Duration) -> std::process::ExitStatus {
-        let started = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait") {
-                return status;
-            }
-            assert!(
-                started.elapsed() < limit,
-                "ws_echo did not exit within {limit:?}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for ServerProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use crate::support::{ServerProcess, expect_close, recv};
 
 /// Every client gets every echo it is owed, then Close 1001, and the process exits 0
 /// within the drain deadline.
@@ -81,7 +14,7 @@ async fn sigterm_echoes_what_was_received_then_closes_with_1001() {
     const CLIENTS: usize = 50;
     const MESSAGES: usize = 20;
     let mut server = ServerProcess::start(&["--shutdown-timeout", "5s"]);
-    let url = format!("ws://127.0.0.1:{}/ws", server.port);
+    let url = server.ws_url();
     let mut clients = Vec::new();
     for _ in 0..CLIENTS {
         let (client, _) = tokio_tungstenite::connect_async(&url)

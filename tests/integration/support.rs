@@ -85,6 +85,7 @@ impl TestServer {
         let mut client = RawClient {
             stream,
             buffer: BytesMut::new(),
+            patience: STEP,
         };
         let head = client.read_head().await;
         assert!(
@@ -105,6 +106,7 @@ impl TestServer {
         let mut client = RawClient {
             stream,
             buffer: BytesMut::new(),
+            patience: STEP,
         };
         client.read_head().await
     }
@@ -182,10 +184,37 @@ impl RawFrame {
     }
 }
 
-/// A client that writes arbitrary frames and reads the server's frames one by one.
-pub struct RawClient {
-    pub stream: TcpStream,
+/// A client that writes arbitrary frames and reads the server's frames one by one, over
+/// TCP or any other stream (an in-memory duplex in the paused-time tests).
+pub struct RawClient<S = TcpStream> {
+    pub stream: S,
     buffer: BytesMut,
+    /// How long a read may wait; [`STEP`] unless a paused-time test sets it longer.
+    pub patience: Duration,
+}
+
+/// Completes the opening handshake over `stream` with `extra` request headers and
+/// returns the client and the response head.
+pub async fn raw_handshake<S>(stream: S, extra: &str) -> (RawClient<S>, String)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut client = RawClient {
+        stream,
+        buffer: BytesMut::new(),
+        patience: STEP,
+    };
+    let request = format!(
+        "GET /ws HTTP/1.1\r\nHost: test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{extra}\r\n"
+    );
+    client.send_bytes(request.as_bytes()).await;
+    let head = client.read_head().await;
+    assert!(
+        head.starts_with("HTTP/1.1 101"),
+        "expected 101, got: {head}"
+    );
+    (client, head)
 }
 
 /// The mask every raw client frame uses; any value is valid.
@@ -216,7 +245,10 @@ pub fn encode_frame(fin: bool, rsv1: bool, opcode: u8, payload: &[u8], masked: b
     frame.to_vec()
 }
 
-impl RawClient {
+impl<S> RawClient<S>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     /// Sends one masked frame.
     pub async fn send(&mut self, fin: bool, opcode: u8, payload: &[u8]) {
         self.send_bytes(&encode_frame(fin, false, opcode, payload, true))
@@ -229,7 +261,7 @@ impl RawClient {
     }
 
     /// Reads the response head of an HTTP exchange (status line and headers).
-    async fn read_head(&mut self) -> String {
+    pub async fn read_head(&mut self) -> String {
         let deadline = tokio::time::Instant::now() + STEP;
         loop {
             if let Some(end) = self.buffer.windows(4).position(|w| w == b"\r\n\r\n") {
@@ -248,7 +280,7 @@ impl RawClient {
 
     /// Reads the next frame; `None` when the server closed the TCP connection.
     pub async fn read_frame(&mut self) -> Option<RawFrame> {
-        let deadline = tokio::time::Instant::now() + STEP;
+        let deadline = tokio::time::Instant::now() + self.patience;
         loop {
             if let Some(frame) = self.parse_frame() {
                 return Some(frame);
@@ -350,5 +382,98 @@ pub fn inflate(data: &[u8]) -> Vec<u8> {
             return out;
         }
         out.reserve(out.capacity());
+    }
+}
+
+/// The real binary, started on 127.0.0.1:0 and killed on drop if a test fails before it
+/// exits.
+pub struct ServerProcess {
+    pub child: std::process::Child,
+    pub port: u16,
+}
+
+impl ServerProcess {
+    /// Starts `ws_echo` with `args` and reads its port from the first log line.
+    pub fn start(args: &[&str]) -> Self {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ws_echo"))
+            .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
+            .args(args)
+            .env_remove("RUST_LOG")
+            .env_remove("PORT")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .expect("start ws_echo");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut reader = std::io::BufReader::new(stdout);
+        let mut first_line = String::new();
+        reader
+            .read_line(&mut first_line)
+            .expect("read the listening line");
+        let port = first_line
+            .split("\"url\":\"http://127.0.0.1:")
+            .nth(1)
+            .and_then(|rest| rest.split('/').next())
+            .and_then(|port| port.parse().ok())
+            .unwrap_or_else(|| panic!("no listening URL in {first_line:?}"));
+        // Keep draining the log so the server never blocks on a full pipe; keep it in a
+        // file when WS_ECHO_TEST_LOG names one (for debugging a failing test).
+        std::thread::spawn(move || match std::env::var_os("WS_ECHO_TEST_LOG") {
+            Some(path) => std::io::copy(
+                &mut reader,
+                &mut std::fs::File::create(path).expect("log file"),
+            ),
+            None => std::io::copy(&mut reader, &mut std::io::sink()),
+        });
+        Self { child, port }
+    }
+
+    /// `ws://127.0.0.1:PORT/ws`.
+    pub fn ws_url(&self) -> String {
+        format!("ws://127.0.0.1:{}/ws", self.port)
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) {
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success());
+    }
+
+    /// Resident memory of the process, in bytes (VmRSS).
+    pub fn rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .expect("read status");
+        let kib: u64 = status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS in /proc/PID/status");
+        kib * 1024
+    }
+
+    /// Waits for the process to exit, up to `limit`.
+    pub fn wait(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let started = std::time::Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(
+                started.elapsed() < limit,
+                "ws_echo did not exit within {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
