@@ -13,7 +13,13 @@ use tokio::sync::Semaphore;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tower_http::set_header::SetResponseHeaderLayer;
 
-use crate::{config::Settings, echo, limits::ConnectionLimits, page};
+use crate::{
+    config::Settings,
+    echo,
+    limits::ConnectionLimits,
+    metrics::{self, EchoCounters, Metrics},
+    page,
+};
 
 /// State shared by every handler. Created once by `server::run`; each request gets a
 /// clone (all fields are reference-counted handles).
@@ -32,6 +38,10 @@ pub(crate) struct AppState {
     pub(crate) limits: Arc<ConnectionLimits>,
     /// The read budget in bytes, shared by every WebSocket (see `frame_guard`).
     pub(crate) read_budget: Arc<Semaphore>,
+    /// This server's metrics.
+    pub(crate) metrics: Arc<Metrics>,
+    /// Message counter handles, resolved once.
+    pub(crate) counters: Arc<EchoCounters>,
 }
 
 impl AppState {
@@ -41,7 +51,10 @@ impl AppState {
         shutdown: CancellationToken,
         tracker: TaskTracker,
     ) -> Self {
+        let metrics = Arc::new(Metrics::new());
         Self {
+            counters: Arc::new(EchoCounters::new(&metrics)),
+            metrics,
             echo: Arc::new(echo::EchoConfig::new(&settings)),
             limits: Arc::new(ConnectionLimits::new(
                 settings.max_connections,
@@ -64,14 +77,29 @@ pub(crate) struct PeerAddr(pub(crate) SocketAddr);
 pub(crate) fn router(state: AppState) -> Router {
     let served_by = HeaderValue::from_str(&state.settings.instance_name)
         .expect("invariant: Config::into_settings checked the instance name");
-    Router::new()
+    let metrics_here = state.settings.metrics_addr.is_none();
+    let metrics = Arc::clone(&state.metrics);
+    let router = Router::new()
         .route("/", get(page::index))
         .route("/ws", any(echo::upgrade))
         .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
+        .route("/readyz", get(readyz));
+    let router = if metrics_here {
+        router.route("/metrics", get(metrics::handler).with_state(metrics))
+    } else {
+        router
+    };
+    router
         .with_state(state)
         // On every response, the 101 of an upgrade included.
         .layer(SetResponseHeaderLayer::overriding(SERVED_BY, served_by))
+}
+
+/// The router of a separate metrics listener (`--metrics-listen`): `/metrics` only.
+pub(crate) fn metrics_router(metrics: Arc<Metrics>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics::handler))
+        .with_state(metrics)
 }
 
 /// The response header that names the instance that answered.

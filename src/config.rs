@@ -175,6 +175,11 @@ pub struct Config {
     #[arg(long, env = "WS_ECHO_NO_SUBPROTOCOL", conflicts_with = "subprotocols")]
     pub no_subprotocol: bool,
 
+    /// Serve `/metrics` on this address instead of the main one (for example to keep
+    /// it off a public port). [default: on the main address]
+    #[arg(long, env = "WS_ECHO_METRICS_LISTEN", value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
+
     /// Name sent in the `X-Served-By` header of every response, to tell replicas apart
     /// behind a load balancer. [default: the host name]
     #[arg(long, env = "WS_ECHO_INSTANCE_NAME", value_name = "NAME")]
@@ -245,6 +250,8 @@ pub struct Settings {
     pub subprotocols: SubprotocolPolicy,
     /// Value of the `X-Served-By` response header.
     pub instance_name: String,
+    /// Where `/metrics` is served when not on the main address.
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 impl Default for Settings {
@@ -274,6 +281,7 @@ impl Default for Settings {
             },
             subprotocols: SubprotocolPolicy::AcceptFirst,
             instance_name: default_instance_name(),
+            metrics_addr: None,
         }
     }
 }
@@ -373,6 +381,7 @@ impl Config {
             },
             subprotocols,
             instance_name,
+            metrics_addr: self.metrics_listen,
         })
     }
 }

@@ -47,6 +47,7 @@ use crate::{
     frame_guard::{self, GuardHandle},
     handshake,
     limits::Full,
+    metrics::{EchoCounters, HandshakeResult, Limit, Metrics, Side},
 };
 
 /// Longest text payload shown in a debug log line; longer ones are shortened.
@@ -100,9 +101,12 @@ impl EchoConfig {
 /// connection to [`serve`] on the shared task tracker.
 pub(crate) async fn upgrade(State(state): State<AppState>, mut request: Request) -> Response {
     let peer = request.extensions().get::<PeerAddr>().map(|peer| peer.0);
+    let metrics = &state.metrics;
     let accepted = match handshake::accept(&request, &state.settings) {
         Ok(accepted) => accepted,
         Err(rejection @ handshake::Rejection::ForbiddenOrigin) => {
+            metrics.handshake(HandshakeResult::ForbiddenOrigin);
+            metrics.limit_drop(Limit::Origin);
             let origin = request
                 .headers()
                 .get(header::ORIGIN)
@@ -111,11 +115,20 @@ pub(crate) async fn upgrade(State(state): State<AppState>, mut request: Request)
             return rejection.into_response();
         }
         Err(rejection) => {
+            metrics.handshake(match rejection {
+                handshake::Rejection::MethodNotAllowed => HandshakeResult::MethodNotAllowed,
+                handshake::Rejection::NotAnUpgrade => HandshakeResult::NotAnUpgrade,
+                handshake::Rejection::UnsupportedVersion => HandshakeResult::UnsupportedVersion,
+                handshake::Rejection::BadKey => HandshakeResult::BadKey,
+                handshake::Rejection::BadSubprotocol => HandshakeResult::BadSubprotocol,
+                handshake::Rejection::ForbiddenOrigin => HandshakeResult::ForbiddenOrigin,
+            });
             debug!(peer = ?peer, reason = rejection.reason(), "handshake refused");
             return rejection.into_response();
         }
     };
     if state.shutdown.is_cancelled() {
+        metrics.handshake(HandshakeResult::Draining);
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             [(header::RETRY_AFTER, "1")],
@@ -126,6 +139,8 @@ pub(crate) async fn upgrade(State(state): State<AppState>, mut request: Request)
     let admission = match state.limits.admit(peer.map(|peer| peer.ip())) {
         Ok(admission) => admission,
         Err(Full::Server) => {
+            metrics.handshake(HandshakeResult::ServerFull);
+            metrics.limit_drop(Limit::Connections);
             warn!(peer = ?peer, limit = state.limits.max(), "connection limit reached");
             return (
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -135,6 +150,8 @@ pub(crate) async fn upgrade(State(state): State<AppState>, mut request: Request)
                 .into_response();
         }
         Err(Full::Address) => {
+            metrics.handshake(HandshakeResult::AddressFull);
+            metrics.limit_drop(Limit::ConnectionsPerIp);
             warn!(peer = ?peer, "per-address connection limit reached");
             return (
                 StatusCode::TOO_MANY_REQUESTS,
@@ -144,6 +161,7 @@ pub(crate) async fn upgrade(State(state): State<AppState>, mut request: Request)
                 .into_response();
         }
     };
+    metrics.handshake(HandshakeResult::Accepted);
     let on_upgrade = hyper::upgrade::on(&mut request);
     let response = accepted.response();
     let id = state.echo.next_id.fetch_add(1, Ordering::Relaxed);
@@ -180,8 +198,9 @@ struct Stats {
 enum Ending {
     /// The client sent Close; its code (1005 when it gave none) was echoed.
     ClientClosed(u16),
-    /// The server sent Close with this code and the handshake finished or timed out.
-    ServerClosed(u16, &'static str),
+    /// The server sent Close with this code and the handshake finished or timed out;
+    /// `Some` limit when a limit made it close.
+    ServerClosed(u16, &'static str, Option<Limit>),
     /// The engine refused the client's input and sent this close code.
     ProtocolError(u16, String),
     /// The TCP connection ended without a closing handshake.
@@ -194,8 +213,12 @@ where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     let started = Instant::now();
-    let (io, guard) = frame_guard::guard(io, Arc::clone(&state.read_budget));
     let compressed = accepted.extensions.is_some();
+    let wire_counters = compressed.then(|| frame_guard::WireCounters {
+        read: state.counters.deflate_in.1.clone(),
+        written: state.counters.deflate_out.1.clone(),
+    });
+    let (io, guard) = frame_guard::guard(io, Arc::clone(&state.read_budget), wire_counters);
     let mut ws = match WebSocket::from_stream_with_extensions(
         io,
         Role::Server,
@@ -215,17 +238,36 @@ where
         compressed, "connection opened"
     );
     let mut stats = Stats::default();
-    let ending = EchoLoop::new(&state.settings, guard)
-        .run(&mut ws, &mut stats, &state.shutdown)
-        .await;
+    state.metrics.connections_open.inc();
+    let ending = EchoLoop::new(
+        &state.settings,
+        guard,
+        &state.metrics,
+        &state.counters,
+        compressed,
+    )
+    .run(&mut ws, &mut stats, &state.shutdown)
+    .await;
+    state.metrics.connections_open.dec();
     let duration_ms = started.elapsed().as_millis() as u64;
     let subprotocol = accepted.subprotocol.as_deref().unwrap_or("-");
     let (code, how, detail) = match &ending {
         Ending::ClientClosed(code) => (*code, "client closed", String::new()),
-        Ending::ServerClosed(code, reason) => (*code, "server closed", (*reason).to_owned()),
+        Ending::ServerClosed(code, reason, _) => (*code, "server closed", (*reason).to_owned()),
         Ending::ProtocolError(code, reason) => (*code, "protocol error", reason.clone()),
         Ending::Dropped(reason) => (1006, "dropped", reason.clone()),
     };
+    let side = match &ending {
+        Ending::ClientClosed(_) => Side::Client,
+        Ending::ServerClosed(..) | Ending::ProtocolError(..) => Side::Server,
+        Ending::Dropped(_) => Side::None,
+    };
+    state.metrics.close(side, code);
+    match &ending {
+        Ending::ServerClosed(_, _, Some(limit)) => state.metrics.limit_drop(*limit),
+        Ending::ProtocolError(1009, _) => state.metrics.limit_drop(Limit::MessageSize),
+        _ => {}
+    }
     info!(
         duration_ms,
         messages_in = stats.messages_in,
@@ -257,6 +299,12 @@ enum Event {
 /// The state of one connection's echo loop.
 struct EchoLoop<'a> {
     settings: &'a Settings,
+    /// Keepalive counters and the ping round-trip histogram.
+    metrics: &'a Metrics,
+    /// Message counters, resolved once per server.
+    counters: &'a EchoCounters,
+    /// Whether permessage-deflate was negotiated (for the compression-ratio counters).
+    compressed: bool,
     /// The frame guard's refusals and the read budget.
     guard: GuardHandle,
     /// Reassembles fragmented messages and validates text.
@@ -279,10 +327,19 @@ struct EchoLoop<'a> {
 }
 
 impl<'a> EchoLoop<'a> {
-    fn new(settings: &'a Settings, guard: GuardHandle) -> Self {
+    fn new(
+        settings: &'a Settings,
+        guard: GuardHandle,
+        metrics: &'a Metrics,
+        counters: &'a EchoCounters,
+        compressed: bool,
+    ) -> Self {
         let now = Instant::now();
         Self {
             settings,
+            metrics,
+            counters,
+            compressed,
             guard,
             assembler: Assembler::new(settings.max_message_size),
             pending: None,
@@ -447,10 +504,23 @@ impl<'a> EchoLoop<'a> {
         match self.assembler.push(part, fin, frame.into_payload()) {
             Ok(None) => None,
             Ok(Some((kind, payload))) => {
+                let len = payload.len() as u64;
                 stats.messages_in += 1;
-                stats.bytes_in += payload.len() as u64;
+                stats.bytes_in += len;
                 stats.messages_out += 1;
-                stats.bytes_out += payload.len() as u64;
+                stats.bytes_out += len;
+                let (counted_in, counted_out) = match kind {
+                    Kind::Text => (&self.counters.text_in, &self.counters.text_out),
+                    Kind::Binary => (&self.counters.binary_in, &self.counters.binary_out),
+                };
+                counted_in.messages.inc();
+                counted_in.bytes.inc_by(len);
+                counted_out.messages.inc();
+                counted_out.bytes.inc_by(len);
+                if self.compressed {
+                    self.counters.deflate_in.0.inc_by(len);
+                    self.counters.deflate_out.0.inc_by(len);
+                }
                 self.last_message = Instant::now();
                 log_message(kind, &payload);
                 // The echo is one frame, and its payload is shared with the received
@@ -487,7 +557,9 @@ impl<'a> EchoLoop<'a> {
             OpCode::Pong => {
                 if let Some((sent_payload, sent_at)) = self.awaiting_pong {
                     if frame.payload().as_ref() == sent_payload.to_be_bytes() {
-                        trace!(rtt_us = sent_at.elapsed().as_micros() as u64, "pong");
+                        let rtt = sent_at.elapsed();
+                        trace!(rtt_us = rtt.as_micros() as u64, "pong");
+                        self.metrics.ping_rtt.observe(rtt.as_secs_f64());
                         self.awaiting_pong = None;
                     }
                 }
@@ -537,7 +609,7 @@ impl<'a> EchoLoop<'a> {
                 let _ = ws
                     .send(Frame::close(CloseCode::Policy, reason))
                     .now_or_never();
-                return Some(Ending::ServerClosed(1008, reason));
+                return Some(Ending::ServerClosed(1008, reason, Some(Limit::Stall)));
             }
         }
         if let Some((_, sent_at)) = self.awaiting_pong {
@@ -547,12 +619,19 @@ impl<'a> EchoLoop<'a> {
                 let _ = ws
                     .send(Frame::close(CloseCode::Away, reason))
                     .now_or_never();
-                return Some(Ending::ServerClosed(1001, reason));
+                return Some(Ending::ServerClosed(1001, reason, Some(Limit::Keepalive)));
             }
         }
         if let Some(idle) = self.settings.idle_timeout {
             if now >= self.last_message + idle {
-                return Some(self.close(ws, CloseCode::Normal, "idle timeout").await);
+                return Some(
+                    match self.close(ws, CloseCode::Normal, "idle timeout").await {
+                        Ending::ServerClosed(code, reason, _) => {
+                            Ending::ServerClosed(code, reason, Some(Limit::Idle))
+                        }
+                        other => other,
+                    },
+                );
             }
         }
         if let (Some(due), Some(interval)) = (self.next_ping, self.settings.ping_interval) {
@@ -563,6 +642,7 @@ impl<'a> EchoLoop<'a> {
                 if self.pending.is_none() && self.awaiting_pong.is_none() {
                     self.pings_sent += 1;
                     self.pending = Some(Frame::ping(self.pings_sent.to_be_bytes().to_vec()));
+                    self.metrics.pings_sent.inc();
                     self.awaiting_pong = Some((self.pings_sent, now));
                 }
             }
@@ -623,10 +703,10 @@ impl<'a> EchoLoop<'a> {
         };
         match timeout(self.settings.close_timeout, handshake).await {
             Ok(Ok(())) | Ok(Err(WebSocketError::ConnectionClosed)) => {
-                Ending::ServerClosed(code_number, reason)
+                Ending::ServerClosed(code_number, reason, None)
             }
             Ok(Err(error)) => Ending::Dropped(error.to_string()),
-            Err(_) => Ending::ServerClosed(code_number, "close handshake timed out"),
+            Err(_) => Ending::ServerClosed(code_number, "close handshake timed out", None),
         }
     }
 }

@@ -32,6 +32,7 @@ use std::{
     task::{Context, Poll},
 };
 
+use prometheus_client::metrics::counter::Counter;
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     sync::Semaphore,
@@ -130,6 +131,18 @@ pub(crate) struct FrameGuard<S> {
     budget: PollSemaphore,
     /// Shared with the [`GuardHandle`] the echo loop holds.
     shared: Arc<Shared>,
+    /// Counters of bytes on the wire, for connections whose compression ratio is
+    /// measured.
+    wire: Option<WireCounters>,
+}
+
+/// Wire byte counters a guard adds to as bytes pass.
+#[derive(Debug)]
+pub(crate) struct WireCounters {
+    /// Bytes read from the client.
+    pub(crate) read: Counter,
+    /// Bytes written to the client.
+    pub(crate) written: Counter,
 }
 
 /// State the guard and the echo loop share. Both run in the connection's task; the
@@ -180,7 +193,11 @@ impl GuardHandle {
 
 /// Wraps `inner`, which must start at a frame boundary (right after the handshake),
 /// charging reads to `budget`.
-pub(crate) fn guard<S>(inner: S, budget: Arc<Semaphore>) -> (FrameGuard<S>, GuardHandle) {
+pub(crate) fn guard<S>(
+    inner: S,
+    budget: Arc<Semaphore>,
+    wire: Option<WireCounters>,
+) -> (FrameGuard<S>, GuardHandle) {
     let shared = Arc::new(Shared::default());
     let guard = FrameGuard {
         inner,
@@ -188,6 +205,7 @@ pub(crate) fn guard<S>(inner: S, budget: Arc<Semaphore>) -> (FrameGuard<S>, Guar
         frame_passed: 0,
         budget: PollSemaphore::new(Arc::clone(&budget)),
         shared: Arc::clone(&shared),
+        wire,
     };
     (guard, GuardHandle { shared, budget })
 }
@@ -305,6 +323,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for FrameGuard<S> {
             buf.set_filled(before + offset);
         }
         let delivered = buf.filled().len() - before;
+        if let Some(wire) = &this.wire {
+            wire.read.inc_by(delivered as u64);
+        }
         let held = this.shared.held.fetch_add(delivered, Ordering::Relaxed) + delivered;
         this.shared
             .partial
@@ -331,7 +352,11 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for FrameGuard<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let written = std::task::ready!(Pin::new(&mut self.inner).poll_write(cx, buf))?;
+        if let Some(wire) = &self.wire {
+            wire.written.inc_by(written as u64);
+        }
+        Poll::Ready(Ok(written))
     }
 
     fn poll_write_vectored(
@@ -339,7 +364,11 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for FrameGuard<S> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let written = std::task::ready!(Pin::new(&mut self.inner).poll_write_vectored(cx, bufs))?;
+        if let Some(wire) = &self.wire {
+            wire.written.inc_by(written as u64);
+        }
+        Poll::Ready(Ok(written))
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -386,7 +415,7 @@ mod tests {
     #[tokio::test]
     async fn frames_within_limits_pass_unchanged() {
         let (client, server) = duplex(1 << 20);
-        let (mut guarded, violation) = guard(server, budget(1 << 30));
+        let (mut guarded, violation) = guard(server, budget(1 << 30), None);
         let mut sent = frame(0x2, 70_000);
         sent.extend(frame(0x9, 125));
         sent.extend(frame(0x1, 0));
@@ -403,7 +432,7 @@ mod tests {
     #[tokio::test]
     async fn oversized_close_is_withheld_and_flagged() {
         let (mut client, server) = duplex(1 << 16);
-        let (mut guarded, violation) = guard(server, budget(1 << 30));
+        let (mut guarded, violation) = guard(server, budget(1 << 30), None);
         let good = frame(0x1, 5);
         let mut sent = good.clone();
         sent.extend(frame(0x8, 126));
@@ -422,7 +451,7 @@ mod tests {
 
     #[test]
     fn header_split_across_reads_is_followed() {
-        let (guarded, _violation) = guard((), budget(1 << 30));
+        let (guarded, _violation) = guard((), budget(1 << 30), None);
         let mut guarded = guarded;
         let sent = frame(0x2, 300);
         for byte in &sent {
@@ -442,7 +471,7 @@ mod tests {
     async fn reads_past_the_allowance_wait_for_the_budget() {
         let budget = budget(32 * 1024);
         let (mut client, server) = duplex(1 << 20);
-        let (mut guarded, handle) = guard(server, Arc::clone(&budget));
+        let (mut guarded, handle) = guard(server, Arc::clone(&budget), None);
         let sent = frame(0x2, 200 * 1024);
         client.write_all(&sent).await.unwrap();
         let mut received = Vec::new();
@@ -475,7 +504,7 @@ mod tests {
     async fn released_frames_return_their_budget() {
         let budget = budget(1 << 20);
         let (mut client, server) = duplex(1 << 20);
-        let (mut guarded, handle) = guard(server, Arc::clone(&budget));
+        let (mut guarded, handle) = guard(server, Arc::clone(&budget), None);
         let sent = frame(0x2, 100 * 1024);
         client.write_all(&sent).await.unwrap();
         let mut received = vec![0; sent.len()];

@@ -17,6 +17,8 @@
 //!   WebSocket engine.
 //! - `frame_guard`: a read-side guard for what the engine does not check itself.
 //! - `limits`: caps on open WebSockets, in all and per client address.
+//! - `metrics`: Prometheus series, defined once, served at `/metrics`.
+//! - `metrics`: Prometheus series, defined once, served at `/metrics`.
 //! - `origin`: which web origins may connect.
 //! - `page`: `GET /`, the embedded HTML page.
 //! - `shutdown`: OS signals and the drain of open connections.
@@ -44,6 +46,7 @@ mod error;
 mod frame_guard;
 mod handshake;
 mod limits;
+mod metrics;
 mod origin;
 mod page;
 mod server;

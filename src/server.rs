@@ -27,6 +27,7 @@ use crate::{
     Error,
     app::{self, AppState, PeerAddr},
     config::Settings,
+    metrics::{Limit, Metrics},
     shutdown,
 };
 
@@ -69,7 +70,11 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
     let local = listener.local_addr()?;
+    let metrics_addr = settings.metrics_addr;
     let server = Server::new(settings);
+    if let Some(addr) = metrics_addr {
+        server.serve_metrics(TcpListener::bind(addr).await?)?;
+    }
     info!(url = %format!("http://{local}/"), websocket = %format!("ws://{local}/ws"), "ws_echo listening");
     tokio::pin!(shutdown);
     loop {
@@ -127,6 +132,8 @@ pub struct Server {
     deadline: Duration,
     /// How long a new connection has to deliver its first request's headers.
     handshake_timeout: Duration,
+    /// The metrics of this server, shared with the router's state.
+    metrics: Arc<Metrics>,
 }
 
 impl Server {
@@ -136,7 +143,9 @@ impl Server {
         let tracker = TaskTracker::new();
         let deadline = settings.shutdown_timeout;
         let handshake_timeout = settings.handshake_timeout;
-        let router = app::router(AppState::new(settings, token.clone(), tracker.clone()));
+        let state = AppState::new(settings, token.clone(), tracker.clone());
+        let metrics = Arc::clone(&state.metrics);
+        let router = app::router(state);
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
@@ -153,6 +162,7 @@ impl Server {
             tracker,
             deadline,
             handshake_timeout,
+            metrics,
         }
     }
 
@@ -180,6 +190,7 @@ impl Server {
             .into_owned();
         let token = self.token.clone();
         let handshake_timeout = self.handshake_timeout;
+        let metrics = Arc::clone(&self.metrics);
         self.tracker.spawn(async move {
             tokio::pin!(connection);
             let handshake_deadline = async {
@@ -194,6 +205,7 @@ impl Server {
                 result = connection.as_mut() => result,
                 () = handshake_deadline => {
                     debug!(%peer, "no request headers within the handshake timeout; closing");
+                    metrics.limit_drop(Limit::HandshakeTimeout);
                     return;
                 }
                 () = token.cancelled() => {
@@ -207,6 +219,22 @@ impl Server {
                 debug!(%peer, %error, "HTTP connection ended with an error");
             }
         });
+    }
+
+    /// Serves `/metrics` alone on `listener` until the drain begins.
+    fn serve_metrics(&self, listener: TcpListener) -> io::Result<()> {
+        info!(url = %format!("http://{}/metrics", listener.local_addr()?), "metrics listening");
+        let router = app::metrics_router(Arc::clone(&self.metrics));
+        let stop = self.token.clone().cancelled_owned();
+        self.tracker.spawn(async move {
+            if let Err(error) = axum::serve(listener, router)
+                .with_graceful_shutdown(stop)
+                .await
+            {
+                warn!(%error, "metrics listener failed");
+            }
+        });
+        Ok(())
     }
 
     /// Begins the drain and waits for it: no new WebSockets, Close 1001 to open ones,

@@ -7,5 +7,6 @@ mod conformance;
 mod echo;
 mod handshake;
 mod limits;
+mod metrics;
 mod shutdown;
 mod support;
