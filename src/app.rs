@@ -72,6 +72,17 @@ impl AppState {
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct PeerAddr(pub(crate) SocketAddr);
 
+/// What the TLS handshake settled, inserted into every request of a TLS connection.
+#[derive(Clone, Debug)]
+pub(crate) struct TlsInfo {
+    /// The protocol version, such as `TLSv1_3`.
+    pub(crate) protocol: String,
+    /// The ALPN protocol, such as `h2`.
+    pub(crate) alpn: Option<String>,
+    /// The server name the client asked for (SNI).
+    pub(crate) server_name: Option<String>,
+}
+
 /// All routes. `/ws` takes any method: HTTP/1.1 upgrades arrive as GET and HTTP/2 ones
 /// (RFC 8441) as CONNECT, and the handler answers other methods with 405.
 pub(crate) fn router(state: AppState) -> Router {

@@ -180,6 +180,24 @@ pub struct Config {
     #[arg(long, env = "WS_ECHO_METRICS_LISTEN", value_name = "ADDR")]
     pub metrics_listen: Option<SocketAddr>,
 
+    /// Worker threads of the runtime; 0 uses one per core.
+    #[arg(
+        long,
+        env = "WS_ECHO_WORKER_THREADS",
+        default_value_t = 0,
+        value_name = "N"
+    )]
+    pub worker_threads: usize,
+
+    /// Run everything on one thread (tokio's current-thread runtime): the least
+    /// overhead for one core, no parallelism.
+    #[arg(
+        long,
+        env = "WS_ECHO_CURRENT_THREAD",
+        conflicts_with = "worker_threads"
+    )]
+    pub current_thread: bool,
+
     /// Name sent in the `X-Served-By` header of every response, to tell replicas apart
     /// behind a load balancer. [default: the host name]
     #[arg(long, env = "WS_ECHO_INSTANCE_NAME", value_name = "NAME")]

@@ -45,7 +45,7 @@ use crate::{
     assembly::{Assembler, Kind, Part},
     config::Settings,
     frame_guard::{self, GuardHandle},
-    handshake,
+    handshake, hello,
     limits::Full,
     metrics::{EchoCounters, HandshakeResult, Limit, Metrics, Side},
 };
@@ -165,6 +165,8 @@ pub(crate) async fn upgrade(State(state): State<AppState>, mut request: Request)
     let on_upgrade = hyper::upgrade::on(&mut request);
     let response = accepted.response();
     let id = state.echo.next_id.fetch_add(1, Ordering::Relaxed);
+    let greeting = hello::requested(request.uri().query())
+        .then(|| hello::message(&request, peer, &accepted, id, &state.settings.instance_name));
     let span = info_span!("ws", id, peer = %peer.map_or_else(|| "-".into(), |p| p.to_string()));
     let task_state = state.clone();
     state.tracker.spawn(
@@ -176,7 +178,7 @@ pub(crate) async fn upgrade(State(state): State<AppState>, mut request: Request)
                     return;
                 }
             };
-            serve(TokioIo::new(upgraded), accepted, &task_state).await;
+            serve(TokioIo::new(upgraded), accepted, greeting, &task_state).await;
             drop(admission);
         }
         .instrument(span),
@@ -208,7 +210,7 @@ enum Ending {
 }
 
 /// Runs one WebSocket to its end and logs the result.
-async fn serve<S>(io: S, accepted: handshake::Accepted, state: &AppState)
+async fn serve<S>(io: S, accepted: handshake::Accepted, greeting: Option<String>, state: &AppState)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
@@ -239,15 +241,16 @@ where
     );
     let mut stats = Stats::default();
     state.metrics.connections_open.inc();
-    let ending = EchoLoop::new(
+    let mut echo_loop = EchoLoop::new(
         &state.settings,
         guard,
         &state.metrics,
         &state.counters,
         compressed,
-    )
-    .run(&mut ws, &mut stats, &state.shutdown)
-    .await;
+    );
+    // The greeting, when asked for, goes out before any echo.
+    echo_loop.pending = greeting.map(Frame::text);
+    let ending = echo_loop.run(&mut ws, &mut stats, &state.shutdown).await;
     state.metrics.connections_open.dec();
     let duration_ms = started.elapsed().as_millis() as u64;
     let subprotocol = accepted.subprotocol.as_deref().unwrap_or("-");

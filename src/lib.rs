@@ -16,6 +16,7 @@
 //! - `echo`: `GET /ws`, the per-connection echo loop; the only module that knows the
 //!   WebSocket engine.
 //! - `frame_guard`: a read-side guard for what the engine does not check itself.
+//! - `hello`: the opt-in JSON greeting (`/ws?hello=1`).
 //! - `limits`: caps on open WebSockets, in all and per client address.
 //! - `metrics`: Prometheus series, defined once, served at `/metrics`.
 //! - `metrics`: Prometheus series, defined once, served at `/metrics`.
@@ -45,6 +46,7 @@ mod echo;
 mod error;
 mod frame_guard;
 mod handshake;
+mod hello;
 mod limits;
 mod metrics;
 mod origin;

@@ -76,11 +76,19 @@ pub async fn run(
         server.serve_metrics(TcpListener::bind(addr).await?)?;
     }
     info!(url = %format!("http://{local}/"), websocket = %format!("ws://{local}/ws"), "ws_echo listening");
-    tokio::pin!(shutdown);
-    loop {
+    // Serve until the shutdown signal, then keep accepting while the drain runs: a
+    // connection that arrives during the drain gets a prompt answer (503 from /readyz
+    // and for upgrades) instead of hanging until the process exits, and proxies fail
+    // over at once.
+    let drain = async {
+        shutdown.await;
+        server.drain().await
+    };
+    tokio::pin!(drain);
+    let remaining = loop {
         let (stream, peer) = tokio::select! {
             biased;
-            () = &mut shutdown => break,
+            remaining = &mut drain => break remaining,
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(error) => {
@@ -94,8 +102,7 @@ pub async fn run(
             debug!(%peer, %error, "could not set TCP_NODELAY");
         }
         server.spawn_connection(stream, peer);
-    }
-    let remaining = server.drain().await;
+    };
     info!(remaining, "ws_echo stopped");
     Ok(())
 }
@@ -124,6 +131,9 @@ pub struct Server {
     router: axum::Router,
     /// HTTP/1.1 + HTTP/2 settings shared by every connection.
     builder: auto::Builder<TokioExecutor>,
+    /// The same, without HTTP/1.1 keep-alive: connections accepted during the drain
+    /// get one answer (a 503 for upgrades and `/readyz`) and are closed.
+    draining_builder: auto::Builder<TokioExecutor>,
     /// Cancelled when the drain begins.
     token: CancellationToken,
     /// Every HTTP connection and every WebSocket runs in here.
@@ -155,9 +165,12 @@ impl Server {
             .http2()
             .timer(TokioTimer::new())
             .enable_connect_protocol();
+        let mut draining_builder = builder.clone();
+        draining_builder.http1().keep_alive(false);
         Self {
             router,
             builder,
+            draining_builder,
             token,
             tracker,
             deadline,
@@ -184,8 +197,15 @@ impl Server {
             request.extensions_mut().insert(PeerAddr(peer));
             router.clone().oneshot(request)
         });
-        let connection = self
-            .builder
+        // A connection accepted during the drain is not cut by it (it would be closed
+        // before its request is read); its builder closes it after one answer instead.
+        let draining = self.token.is_cancelled();
+        let builder = if draining {
+            &self.draining_builder
+        } else {
+            &self.builder
+        };
+        let connection = builder
             .serve_connection_with_upgrades(TokioIo::new(io), service)
             .into_owned();
         let token = self.token.clone();
@@ -208,7 +228,7 @@ impl Server {
                     metrics.limit_drop(Limit::HandshakeTimeout);
                     return;
                 }
-                () = token.cancelled() => {
+                () = token.cancelled(), if !draining => {
                     // Finish the request in flight, then close; idle keep-alive
                     // connections close at once.
                     connection.as_mut().graceful_shutdown();

@@ -6,6 +6,7 @@ mod abuse;
 mod conformance;
 mod echo;
 mod handshake;
+mod hello;
 mod limits;
 mod metrics;
 mod shutdown;

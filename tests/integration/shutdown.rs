@@ -64,3 +64,34 @@ async fn idle_server_exits_zero_on_sigterm() {
     let status = server.wait(Duration::from_secs(5));
     assert!(status.success(), "exit status {status}");
 }
+
+/// During the drain, a new connection is answered at once: 503 from /readyz (so load
+/// balancers take the instance out) and 503 for an upgrade, not a hang.
+#[tokio::test]
+async fn new_connections_during_the_drain_get_503_at_once() {
+    let settings = ws_echo::Settings {
+        shutdown_timeout: Duration::from_secs(5),
+        ..Default::default()
+    };
+    let mut server = crate::support::TestServer::with(settings).await;
+    // A client that never answers the server's Close keeps the drain going.
+    let _mute = server.connect().await;
+    let ready = server.http("GET /readyz HTTP/1.1\r\nHost: t\r\n\r\n").await;
+    assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
+    server.begin_stop();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = Instant::now();
+    let ready = server.http("GET /readyz HTTP/1.1\r\nHost: t\r\n\r\n").await;
+    assert!(ready.starts_with("HTTP/1.1 503"), "{ready}");
+    let upgrade = tokio_tungstenite::connect_async(server.ws_url()).await;
+    match upgrade {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 503)
+        }
+        other => panic!("expected 503, got {other:?}"),
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "answers came promptly"
+    );
+}

@@ -111,6 +111,13 @@ impl TestServer {
         client.read_head().await
     }
 
+    /// Begins the drain without waiting for it.
+    pub fn begin_stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+
     /// Stops the server and waits for its drain to finish.
     pub async fn stop(mut self) {
         if let Some(stop) = self.stop.take() {
