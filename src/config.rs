@@ -424,6 +424,17 @@ mod tests {
         Config::command().debug_assert();
     }
 
+    /// The README shows `ws_echo -h`; this keeps it from drifting.
+    #[test]
+    fn readme_shows_the_current_help() {
+        let help = Config::command().render_help().to_string();
+        let readme = include_str!("../README.md");
+        assert!(
+            readme.contains(help.trim_end()),
+            "README.md's help block differs from `ws_echo -h`; paste this:\n{help}"
+        );
+    }
+
     #[test]
     fn defaults_match_the_tutorial_address() {
         let settings = Config {
