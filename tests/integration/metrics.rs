@@ -29,6 +29,23 @@ async fn scrape(addr: std::net::SocketAddr) -> Scrape {
     Scrape::parse(body.lines().map(|line| Ok(line.to_owned()))).expect("valid Prometheus text")
 }
 
+/// Scrapes until no WebSocket is open any more (closes are counted when a connection's
+/// task ends), and returns that scrape.
+async fn scrape_when_closed(addr: std::net::SocketAddr) -> Scrape {
+    let deadline = tokio::time::Instant::now() + crate::support::STEP;
+    loop {
+        let scrape = scrape(addr).await;
+        if value(&scrape, "ws_echo_connections_open", &[]) == 0.0 {
+            return scrape;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "connection never counted as closed"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 /// The value of the sample `name` whose labels include every pair in `labels`.
 fn value(scrape: &Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
     let sample = scrape
@@ -80,26 +97,15 @@ async fn counters_match_what_a_client_sent() {
     client.close(Some(normal)).await.expect("close");
     let _ = expect_close(&mut client).await;
     // The close is counted when the connection's task ends.
-    let deadline = tokio::time::Instant::now() + crate::support::STEP;
-    loop {
-        let after = scrape(server.addr).await;
-        if value(&after, "ws_echo_connections_open", &[]) == 0.0 {
-            assert_eq!(
-                value(
-                    &after,
-                    "ws_echo_closes_total",
-                    &[("side", "client"), ("code", "1000")]
-                ),
-                1.0
-            );
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "connection never counted as closed"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    let after = scrape_when_closed(server.addr).await;
+    assert_eq!(
+        value(
+            &after,
+            "ws_echo_closes_total",
+            &[("side", "client"), ("code", "1000")]
+        ),
+        1.0
+    );
 }
 
 #[tokio::test]
@@ -117,42 +123,31 @@ async fn refused_handshakes_and_limit_drops_are_counted() {
         .await
         .expect("send");
     assert_eq!(expect_close(&mut client).await.0, 1009);
-    let deadline = tokio::time::Instant::now() + crate::support::STEP;
-    loop {
-        let scrape = scrape(server.addr).await;
-        if value(&scrape, "ws_echo_connections_open", &[]) == 0.0 {
-            assert_eq!(
-                value(
-                    &scrape,
-                    "ws_echo_handshakes_total",
-                    &[("result", "not_an_upgrade")]
-                ),
-                1.0
-            );
-            assert_eq!(
-                value(
-                    &scrape,
-                    "ws_echo_limit_drops_total",
-                    &[("limit", "message_size")]
-                ),
-                1.0
-            );
-            assert_eq!(
-                value(
-                    &scrape,
-                    "ws_echo_closes_total",
-                    &[("side", "server"), ("code", "1009")]
-                ),
-                1.0
-            );
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "connection never counted as closed"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    let scrape = scrape_when_closed(server.addr).await;
+    assert_eq!(
+        value(
+            &scrape,
+            "ws_echo_handshakes_total",
+            &[("result", "not_an_upgrade")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &scrape,
+            "ws_echo_limit_drops_total",
+            &[("limit", "message_size")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &scrape,
+            "ws_echo_closes_total",
+            &[("side", "server"), ("code", "1009")]
+        ),
+        1.0
+    );
 }
 
 #[tokio::test]
