@@ -8,3 +8,4 @@ mod handshake;
 mod limits;
 mod shutdown;
 mod support;
+mod tls;
