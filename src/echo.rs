@@ -121,7 +121,7 @@ pub(crate) async fn upgrade(State(state): State<AppState>, mut request: Request)
     let on_upgrade = hyper::upgrade::on(&mut request);
     let response = accepted.response();
     let id = state.echo.next_id.fetch_add(1, Ordering::Relaxed);
-    let span = info_span!("ws", id, peer = %peer.map_or_else(|| "-".into(), |p| p.to_string()));
+    let span = info_span!("ws", id, peer = %peer.map_or_else(|| "-".into(), |p| p.to_string()), http_version = ?request.version());
     let task_state = state.clone();
     state.tracker.spawn(
         async move {

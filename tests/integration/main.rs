@@ -5,6 +5,7 @@
 mod conformance;
 mod echo;
 mod handshake;
+mod http2;
 mod limits;
 mod shutdown;
 mod support;
