@@ -2,6 +2,7 @@
 //!
 //! One test binary with topic modules, so it links once.
 
+mod browser_tls;
 mod conformance;
 mod echo;
 mod handshake;
