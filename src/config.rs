@@ -190,7 +190,7 @@ pub struct Config {
     pub tls_names: Vec<String>,
 
     /// Write the self-signed certificate here as PEM, for clients to trust
-    /// (curl --cacert, websocat --ca-file). [default: not written]
+    /// (curl --cacert PATH; SSL_CERT_FILE=PATH for websocat). [default: not written]
     #[arg(
         long,
         env = "WS_ECHO_TLS_WRITE_CERT",

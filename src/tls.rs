@@ -4,7 +4,9 @@
 //! The server branches once per connection, plain or TLS, and then serves both through
 //! the same hyper-util path, so no handler ever sees TLS. The handshake runs in the
 //! connection's own task under the handshake timeout: a client that stalls inside it
-//! holds up only itself, never the accept loop.
+//! holds up only itself, never the accept loop. That is why [`Acceptor`] is not an
+//! `axum::serve::Listener`: a listener's `accept` runs in the loop, so one slow
+//! ClientHello there would delay every connection behind it.
 
 use std::{fmt, io, path::Path, sync::Arc, time::Duration};
 
@@ -20,7 +22,7 @@ use crate::Error;
 
 /// The names a self-signed certificate always covers: what a client on the same
 /// machine types. `--tls-name` adds more.
-pub(crate) const SELF_SIGNED_NAMES: [&str; 3] = ["localhost", "127.0.0.1", "::1"];
+const SELF_SIGNED_NAMES: [&str; 3] = ["localhost", "127.0.0.1", "::1"];
 
 /// Offered over ALPN, most preferred first. HTTP/2 carries WebSockets too (RFC 8441).
 const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
@@ -135,7 +137,7 @@ impl TlsSettings {
     }
 
     /// The end-entity certificate as PEM, what `--tls-write-cert` writes for clients to
-    /// trust (`curl --cacert`, `websocat --ca-file`).
+    /// trust (`curl --cacert FILE`, `SSL_CERT_FILE=FILE websocat`).
     pub fn certificate_pem(&self) -> String {
         let encoded = BASE64.encode(&self.certificate);
         let mut pem = String::from("-----BEGIN CERTIFICATE-----\n");
