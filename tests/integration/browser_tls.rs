@@ -272,7 +272,15 @@ impl Drop for Browser {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.profile);
+        // Chromium's helper processes outlive the main one by a moment and write to the
+        // profile as they go, so a single removal can leave it behind.
+        for _ in 0..20 {
+            let _ = std::fs::remove_dir_all(&self.profile);
+            std::thread::sleep(Duration::from_millis(50));
+            if !self.profile.exists() {
+                break;
+            }
+        }
     }
 }
 
