@@ -10,6 +10,7 @@
 use std::{future::Future, io, net::SocketAddr, sync::Arc, time::Duration};
 
 use axum::{Router, extract::Request, http::Response};
+use futures_util::{FutureExt, future::maybe_done};
 use hyper::body::Incoming;
 use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
@@ -95,6 +96,15 @@ pub async fn run(
         .enable_connect_protocol();
     let builder = Arc::new(builder);
 
+    // Poll `shutdown` once before announcing the address. `shutdown_signal` installs
+    // its handlers on first poll; a supervisor (or test) that sends SIGTERM as soon as
+    // it reads the listening line would otherwise meet the default action, and the
+    // process would die instead of draining (seen as a flaky idle-SIGTERM test).
+    // `maybe_done` keeps the outcome, so the loop below may poll it again.
+    let shutdown = maybe_done(shutdown);
+    tokio::pin!(shutdown);
+    let _ = shutdown.as_mut().now_or_never();
+
     let (http, ws) = if tls.is_some() {
         ("https", "wss")
     } else {
@@ -104,7 +114,6 @@ pub async fn run(
     if let Some((sha256, self_signed)) = certificate {
         info!(%sha256, self_signed, "TLS certificate");
     }
-    tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
             biased;
