@@ -4,11 +4,11 @@
 //!
 //! Every default is a `const` here, so `--help`, the README and the code cannot disagree.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Parser, ValueEnum};
 
-use crate::{DEFAULT_ADDR, Error, origin::OriginPattern};
+use crate::{DEFAULT_ADDR, Error, origin::OriginPattern, tls::TlsSettings};
 
 /// Largest message echoed by default: 16 MiB. Autobahn's 9.x cases send messages of up
 /// to 16 MiB, and a test server should take them; the global budget below keeps many
@@ -202,6 +202,60 @@ pub struct Config {
     /// behind a load balancer. [default: the host name]
     #[arg(long, env = "WS_ECHO_INSTANCE_NAME", value_name = "NAME")]
     pub instance_name: Option<String>,
+
+    /// PEM certificate chain (end-entity first). With --tls-key, the port serves only
+    /// https:// and wss://. [default: none, plain HTTP]
+    #[arg(
+        long,
+        env = "WS_ECHO_TLS_CERT",
+        value_name = "PATH",
+        requires = "tls_key",
+        help_heading = "TLS"
+    )]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert (PKCS#8, PKCS#1 or SEC1). [default: none]
+    #[arg(
+        long,
+        env = "WS_ECHO_TLS_KEY",
+        value_name = "PATH",
+        requires = "tls_cert",
+        help_heading = "TLS"
+    )]
+    pub tls_key: Option<PathBuf>,
+
+    /// Serve TLS with a certificate generated at startup for localhost, 127.0.0.1, ::1
+    /// and every --tls-name; its SHA-256 fingerprint is logged. [default: off]
+    #[arg(
+        long,
+        env = "WS_ECHO_TLS_SELF_SIGNED",
+        conflicts_with_all = ["tls_cert", "tls_key"],
+        help_heading = "TLS"
+    )]
+    pub tls_self_signed: bool,
+
+    /// Another host name or IP address for the self-signed certificate (repeatable).
+    /// [default: none]
+    #[arg(
+        long = "tls-name",
+        env = "WS_ECHO_TLS_NAMES",
+        value_delimiter = ',',
+        value_name = "NAME",
+        requires = "tls_self_signed",
+        help_heading = "TLS"
+    )]
+    pub tls_names: Vec<String>,
+
+    /// Write the self-signed certificate here as PEM, for clients to trust
+    /// (curl --cacert PATH; SSL_CERT_FILE=PATH for websocat). [default: not written]
+    #[arg(
+        long,
+        env = "WS_ECHO_TLS_WRITE_CERT",
+        value_name = "PATH",
+        requires = "tls_self_signed",
+        help_heading = "TLS"
+    )]
+    pub tls_write_cert: Option<PathBuf>,
 }
 
 /// Which subprotocol, if any, the server selects from a client's offer.
@@ -270,6 +324,8 @@ pub struct Settings {
     pub instance_name: String,
     /// Where `/metrics` is served when not on the main address.
     pub metrics_addr: Option<SocketAddr>,
+    /// TLS for every connection on the port; `None` serves plain HTTP (and h2c).
+    pub tls: Option<TlsSettings>,
 }
 
 impl Default for Settings {
@@ -300,6 +356,7 @@ impl Default for Settings {
             subprotocols: SubprotocolPolicy::AcceptFirst,
             instance_name: default_instance_name(),
             metrics_addr: None,
+            tls: None,
         }
     }
 }
@@ -321,7 +378,9 @@ impl Config {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidSettings`] when a value is out of range.
+    /// [`Error::InvalidSettings`] when a value is out of range; [`Error::TlsMaterial`]
+    /// when the certificate or key cannot be loaded, generated or written, or do not
+    /// match.
     pub fn into_settings(self) -> Result<Settings, Error> {
         let addr = match (self.listen, self.port) {
             (Some(addr), _) => addr,
@@ -362,12 +421,18 @@ impl Config {
                 "--subprotocol {bad:?} is not an HTTP token"
             )));
         }
-        let instance_name = self.instance_name.unwrap_or_else(default_instance_name);
+        let instance_name = self
+            .instance_name
+            .clone()
+            .unwrap_or_else(default_instance_name);
         if axum::http::HeaderValue::from_str(&instance_name).is_err() {
             return Err(Error::InvalidSettings(format!(
                 "--instance-name {instance_name:?} cannot be sent in an HTTP header"
             )));
         }
+        // Last of the checks, after the cheap ones: it reads files, may generate a key
+        // and may write the certificate.
+        let tls = self.tls()?;
         let subprotocols = if self.no_subprotocol {
             SubprotocolPolicy::Never
         } else if self.subprotocols.is_empty() {
@@ -400,7 +465,29 @@ impl Config {
             subprotocols,
             instance_name,
             metrics_addr: self.metrics_listen,
+            tls,
         })
+    }
+
+    /// Loads or generates the TLS material, and writes the generated certificate where
+    /// `--tls-write-cert` asks. clap has already refused incomplete combinations.
+    fn tls(&self) -> Result<Option<TlsSettings>, Error> {
+        if self.tls_self_signed {
+            let tls = TlsSettings::self_signed(&self.tls_names)?;
+            if let Some(path) = &self.tls_write_cert {
+                std::fs::write(path, tls.certificate_pem()).map_err(|error| {
+                    Error::TlsMaterial(format!(
+                        "could not write --tls-write-cert {}: {error}",
+                        path.display()
+                    ))
+                })?;
+            }
+            return Ok(Some(tls));
+        }
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => TlsSettings::from_pem_files(cert, key).map(Some),
+            _ => Ok(None),
+        }
     }
 }
 
@@ -556,5 +643,75 @@ mod tests {
             ..parse(&["--subprotocol", "a b"])
         };
         assert!(bad.into_settings().is_err());
+    }
+
+    #[test]
+    fn tls_flags_that_do_not_go_together_are_refused() {
+        for args in [
+            &["--tls-cert", "c.pem"][..],
+            &["--tls-key", "k.pem"],
+            &[
+                "--tls-self-signed",
+                "--tls-cert",
+                "c.pem",
+                "--tls-key",
+                "k.pem",
+            ],
+            &["--tls-name", "echo.test"],
+            &["--tls-write-cert", "out.pem"],
+        ] {
+            let parsed =
+                Config::try_parse_from(std::iter::once("ws_echo").chain(args.iter().copied()));
+            assert!(parsed.is_err(), "{args:?} parsed");
+        }
+    }
+
+    #[test]
+    fn no_tls_flag_means_plain_http() {
+        let settings = Config {
+            port: None,
+            ..parse(&[])
+        }
+        .into_settings()
+        .unwrap();
+        assert!(settings.tls.is_none());
+    }
+
+    #[test]
+    fn self_signed_writes_the_certificate_it_serves() {
+        let path =
+            std::env::temp_dir().join(format!("ws_echo-config-test-{}.pem", std::process::id()));
+        let settings = Config {
+            port: None,
+            ..parse(&[
+                "--tls-self-signed",
+                "--tls-write-cert",
+                path.to_str().unwrap(),
+            ])
+        }
+        .into_settings()
+        .unwrap();
+        let written = std::fs::read_to_string(&path).unwrap();
+        let _ = std::fs::remove_file(&path);
+        let tls = settings.tls.expect("TLS is on");
+        assert!(tls.is_self_signed());
+        assert_eq!(written, tls.certificate_pem());
+    }
+
+    #[test]
+    fn unwritable_certificate_path_is_a_tls_error() {
+        let result = Config {
+            port: None,
+            ..parse(&[
+                "--tls-self-signed",
+                "--tls-write-cert",
+                "/nonexistent/dir/cert.pem",
+            ])
+        }
+        .into_settings();
+        assert!(
+            matches!(&result, Err(Error::TlsMaterial(message)) if message.contains("--tls-write-cert")),
+            "{result:?}"
+        );
     }
 }

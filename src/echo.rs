@@ -167,7 +167,7 @@ pub(crate) async fn upgrade(State(state): State<AppState>, mut request: Request)
     let id = state.echo.next_id.fetch_add(1, Ordering::Relaxed);
     let greeting = hello::requested(request.uri().query())
         .then(|| hello::message(&request, peer, &accepted, id, &state.settings.instance_name));
-    let span = info_span!("ws", id, peer = %peer.map_or_else(|| "-".into(), |p| p.to_string()));
+    let span = info_span!("ws", id, peer = %peer.map_or_else(|| "-".into(), |p| p.to_string()), http_version = ?request.version());
     let task_state = state.clone();
     state.tracker.spawn(
         async move {

@@ -16,7 +16,7 @@ use hyper_util::{
 };
 use tokio::{
     io::{AsyncRead, AsyncWrite},
-    net::TcpListener,
+    net::{TcpListener, TcpStream},
     sync::Notify,
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -25,10 +25,10 @@ use tracing::{debug, info, warn};
 
 use crate::{
     Error,
-    app::{self, AppState, PeerAddr},
+    app::{self, AppState, PeerAddr, TlsInfo},
     config::Settings,
     metrics::{Limit, Metrics},
-    shutdown,
+    shutdown, tls,
 };
 
 /// How long to pause accepting after an error such as "too many open files", so that
@@ -75,7 +75,15 @@ pub async fn run(
     if let Some(addr) = metrics_addr {
         server.serve_metrics(TcpListener::bind(addr).await?)?;
     }
-    info!(url = %format!("http://{local}/"), websocket = %format!("ws://{local}/ws"), "ws_echo listening");
+    let (http, ws) = if server.tls.is_some() {
+        ("https", "wss")
+    } else {
+        ("http", "ws")
+    };
+    info!(url = %format!("{http}://{local}/"), websocket = %format!("{ws}://{local}/ws"), "ws_echo listening");
+    if let Some((sha256, self_signed)) = &server.certificate {
+        info!(%sha256, self_signed, "TLS certificate");
+    }
     // Serve until the shutdown signal, then keep accepting while the drain runs: a
     // connection that arrives during the drain gets a prompt answer (503 from /readyz
     // and for upgrades) instead of hanging until the process exits, and proxies fail
@@ -101,7 +109,7 @@ pub async fn run(
         if let Err(error) = stream.set_nodelay(true) {
             debug!(%peer, %error, "could not set TCP_NODELAY");
         }
-        server.spawn_connection(stream, peer);
+        server.spawn_tcp(stream, peer);
     };
     info!(remaining, "ws_echo stopped");
     Ok(())
@@ -144,6 +152,10 @@ pub struct Server {
     handshake_timeout: Duration,
     /// The metrics of this server, shared with the router's state.
     metrics: Arc<Metrics>,
+    /// TLS for every TCP connection, when configured.
+    tls: Option<tls::Acceptor>,
+    /// The certificate's SHA-256 and whether it was generated, for the startup log.
+    certificate: Option<(String, bool)>,
 }
 
 impl Server {
@@ -153,6 +165,14 @@ impl Server {
         let tracker = TaskTracker::new();
         let deadline = settings.shutdown_timeout;
         let handshake_timeout = settings.handshake_timeout;
+        let tls = settings
+            .tls
+            .as_ref()
+            .map(|tls| tls.acceptor(handshake_timeout));
+        let certificate = settings
+            .tls
+            .as_ref()
+            .map(|tls| (tls.fingerprint(), tls.is_self_signed()));
         let state = AppState::new(settings, token.clone(), tracker.clone());
         let metrics = Arc::clone(&state.metrics);
         let router = app::router(state);
@@ -176,12 +196,61 @@ impl Server {
             deadline,
             handshake_timeout,
             metrics,
+            tls,
+            certificate,
         }
     }
 
     /// Serves HTTP (and WebSockets upgraded from it) on `io` in a task of its own.
     /// `peer` is the address logged and used for per-address limits.
     pub fn spawn_connection<I>(&self, io: I, peer: SocketAddr)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        self.tracker.spawn(self.serve_http(io, peer, None));
+    }
+
+    /// Serves an accepted TCP connection: TLS first when configured, then HTTP. The TLS
+    /// handshake runs in the connection's own task, so the accept loop is already back
+    /// at `accept`, and under the handshake timeout.
+    fn spawn_tcp(&self, stream: TcpStream, peer: SocketAddr) {
+        let Some(tls) = self.tls.clone() else {
+            return self.spawn_connection(stream, peer);
+        };
+        let server = self.clone();
+        self.tracker.spawn(async move {
+            let handshake = tokio::select! {
+                handshake = tls.accept(stream) => handshake,
+                () = server.token.cancelled() => return,
+            };
+            match handshake {
+                Ok(stream) => {
+                    let (_, session) = stream.get_ref();
+                    let info = TlsInfo {
+                        protocol: session
+                            .protocol_version()
+                            .map_or_else(String::new, |v| format!("{v:?}")),
+                        alpn: session
+                            .alpn_protocol()
+                            .map(|p| String::from_utf8_lossy(p).into_owned()),
+                        server_name: session.server_name().map(str::to_owned),
+                    };
+                    server.serve_http(stream, peer, Some(info)).await;
+                }
+                Err(error) => debug!(%peer, %error, "TLS handshake failed"),
+            }
+        });
+    }
+
+    /// HTTP/1.1 and HTTP/2 on `io` until the client leaves, the first request does not
+    /// come in time, or the drain closes it. Upgraded WebSockets live on in their own
+    /// tasks.
+    fn serve_http<I>(
+        &self,
+        io: I,
+        peer: SocketAddr,
+        tls: Option<TlsInfo>,
+    ) -> impl Future<Output = ()> + Send + 'static
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -195,6 +264,9 @@ impl Server {
             request_arrived.notify_one();
             let mut request = request.map(axum::body::Body::new);
             request.extensions_mut().insert(PeerAddr(peer));
+            if let Some(tls) = &tls {
+                request.extensions_mut().insert(tls.clone());
+            }
             router.clone().oneshot(request)
         });
         // A connection accepted during the drain is not cut by it (it would be closed
@@ -211,7 +283,7 @@ impl Server {
         let token = self.token.clone();
         let handshake_timeout = self.handshake_timeout;
         let metrics = Arc::clone(&self.metrics);
-        self.tracker.spawn(async move {
+        async move {
             tokio::pin!(connection);
             let handshake_deadline = async {
                 if tokio::time::timeout(handshake_timeout, first_request.notified())
@@ -238,7 +310,7 @@ impl Server {
             if let Err(error) = result {
                 debug!(%peer, %error, "HTTP connection ended with an error");
             }
-        });
+        }
     }
 
     /// Serves `/metrics` alone on `listener` until the drain begins.

@@ -1,15 +1,15 @@
 //! Test helpers: an in-process server on port 0, a WebSocket client (tokio-tungstenite),
-//! and a raw frame-level client for the cases a well-behaved client library refuses to
-//! produce.
+//! a raw frame-level client for the cases a well-behaved client library refuses to
+//! produce, and a TLS client configuration that trusts one certificate.
 
 #![allow(dead_code, unreachable_pub)]
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::{Buf, BufMut, BytesMut};
 use futures_util::{SinkExt, StreamExt};
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     net::{TcpListener, TcpStream},
     sync::oneshot,
     task::JoinHandle,
@@ -141,8 +141,12 @@ impl Drop for TestServer {
     }
 }
 
-/// Receives the next message, failing the test after [`STEP`].
-pub async fn recv(client: &mut Client) -> Message {
+/// Receives the next message, failing the test after [`STEP`]. Generic over the
+/// transport: TCP, TLS, or an HTTP/2 stream.
+pub async fn recv<S>(client: &mut WebSocketStream<S>) -> Message
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     tokio::time::timeout(STEP, client.next())
         .await
         .expect("a message in time")
@@ -150,15 +154,32 @@ pub async fn recv(client: &mut Client) -> Message {
         .expect("a valid message")
 }
 
-/// Sends `message` and asserts the echo is identical.
-pub async fn assert_echoes(client: &mut Client, message: Message) {
+/// Sends `message` and asserts the echo is identical, over any transport.
+pub async fn assert_echoes<S>(client: &mut WebSocketStream<S>, message: Message)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     client.send(message.clone()).await.expect("send");
     let echo = recv(client).await;
     assert!(echo == message, "echo differs from what was sent");
 }
 
+/// The echo checks every transport passes (ws://, wss://, HTTP/2 with and without TLS):
+/// text, every byte value as binary, and a 190 KB Unicode text.
+pub async fn assert_echoes_text_and_binary<S>(client: &mut WebSocketStream<S>)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    assert_echoes(client, Message::text("Hello, world!")).await;
+    assert_echoes(client, Message::binary((0..=255).collect::<Vec<u8>>())).await;
+    assert_echoes(client, Message::text("κόσμε — 🦀 ".repeat(10_000))).await;
+}
+
 /// Receives until a Close arrives and returns its code and reason.
-pub async fn expect_close(client: &mut Client) -> (u16, String) {
+pub async fn expect_close<S>(client: &mut WebSocketStream<S>) -> (u16, String)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     loop {
         match recv(client).await {
             Message::Close(Some(CloseFrame { code, reason })) => {
@@ -256,6 +277,15 @@ impl<S> RawClient<S>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
+    /// A raw client on a stream whose opening handshake is already done.
+    pub fn new(stream: S) -> Self {
+        Self {
+            stream,
+            buffer: BytesMut::new(),
+            patience: STEP,
+        }
+    }
+
     /// Sends one masked frame.
     pub async fn send(&mut self, fin: bool, opcode: u8, payload: &[u8]) {
         self.send_bytes(&encode_frame(fin, false, opcode, payload, true))
@@ -483,4 +513,24 @@ impl Drop for ServerProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A rustls client configuration that trusts only `certificate` (DER) and offers `alpn`
+/// (nothing offered when empty), on the same ring provider as the server.
+pub fn tls_client_config(certificate: &[u8], alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls::pki_types::CertificateDer::from(
+            certificate.to_vec(),
+        ))
+        .expect("the certificate is a valid trust anchor");
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("ring supports the default versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|protocol| protocol.to_vec()).collect();
+    Arc::new(config)
 }
