@@ -13,7 +13,13 @@ use tokio::sync::Semaphore;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tower_http::set_header::SetResponseHeaderLayer;
 
-use crate::{config::Settings, echo, page};
+use crate::{
+    config::Settings,
+    echo,
+    limits::ConnectionLimits,
+    metrics::{self, EchoCounters, Metrics},
+    page,
+};
 
 /// State shared by every handler. Created once by `server::run`; each request gets a
 /// clone (all fields are reference-counted handles).
@@ -27,9 +33,15 @@ pub(crate) struct AppState {
     pub(crate) shutdown: CancellationToken,
     /// Tracks every connection task, so that shutdown can wait for them.
     pub(crate) tracker: TaskTracker,
-    /// One permit per open WebSocket, `max_connections` in all. A permit is moved into
-    /// the connection's task and released when the task ends.
-    pub(crate) connections: Arc<Semaphore>,
+    /// Caps on open WebSockets. An admission is moved into the connection's task and
+    /// frees its place when the task ends.
+    pub(crate) limits: Arc<ConnectionLimits>,
+    /// The read budget in bytes, shared by every WebSocket (see `frame_guard`).
+    pub(crate) read_budget: Arc<Semaphore>,
+    /// This server's metrics.
+    pub(crate) metrics: Arc<Metrics>,
+    /// Message counter handles, resolved once.
+    pub(crate) counters: Arc<EchoCounters>,
 }
 
 impl AppState {
@@ -39,9 +51,16 @@ impl AppState {
         shutdown: CancellationToken,
         tracker: TaskTracker,
     ) -> Self {
+        let metrics = Arc::new(Metrics::new());
         Self {
+            counters: Arc::new(EchoCounters::new(&metrics)),
+            metrics,
             echo: Arc::new(echo::EchoConfig::new(&settings)),
-            connections: Arc::new(Semaphore::new(settings.max_connections)),
+            limits: Arc::new(ConnectionLimits::new(
+                settings.max_connections,
+                settings.max_connections_per_ip,
+            )),
+            read_budget: Arc::new(Semaphore::new(settings.buffer_budget)),
             settings: Arc::new(settings),
             shutdown,
             tracker,
@@ -53,19 +72,45 @@ impl AppState {
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct PeerAddr(pub(crate) SocketAddr);
 
+/// What the TLS handshake settled, inserted into every request of a TLS connection.
+#[derive(Clone, Debug)]
+pub(crate) struct TlsInfo {
+    /// The protocol version, such as `TLSv1_3`.
+    pub(crate) protocol: String,
+    /// The ALPN protocol, such as `h2`.
+    pub(crate) alpn: Option<String>,
+    /// The server name the client asked for (SNI).
+    pub(crate) server_name: Option<String>,
+}
+
 /// All routes. `/ws` takes any method: HTTP/1.1 upgrades arrive as GET and HTTP/2 ones
 /// (RFC 8441) as CONNECT, and the handler answers other methods with 405.
 pub(crate) fn router(state: AppState) -> Router {
     let served_by = HeaderValue::from_str(&state.settings.instance_name)
         .expect("invariant: Config::into_settings checked the instance name");
-    Router::new()
+    let metrics_here = state.settings.metrics_addr.is_none();
+    let metrics = Arc::clone(&state.metrics);
+    let router = Router::new()
         .route("/", get(page::index))
         .route("/ws", any(echo::upgrade))
         .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
+        .route("/readyz", get(readyz));
+    let router = if metrics_here {
+        router.route("/metrics", get(metrics::handler).with_state(metrics))
+    } else {
+        router
+    };
+    router
         .with_state(state)
         // On every response, the 101 of an upgrade included.
         .layer(SetResponseHeaderLayer::overriding(SERVED_BY, served_by))
+}
+
+/// The router of a separate metrics listener (`--metrics-listen`): `/metrics` only.
+pub(crate) fn metrics_router(metrics: Arc<Metrics>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics::handler))
+        .with_state(metrics)
 }
 
 /// The response header that names the instance that answered.

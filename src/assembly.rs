@@ -79,6 +79,11 @@ impl Assembler {
         }
     }
 
+    /// Whether a fragmented message is open.
+    pub(crate) fn in_progress(&self) -> bool {
+        self.partial.is_some()
+    }
+
     /// Takes one data frame. Returns the whole message when `fin` completes one, `None`
     /// while a fragmented message is still open, or the failure to close with.
     pub(crate) fn push(

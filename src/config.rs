@@ -4,11 +4,11 @@
 //!
 //! Every default is a `const` here, so `--help`, the README and the code cannot disagree.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Parser, ValueEnum};
 
-use crate::{DEFAULT_ADDR, Error};
+use crate::{DEFAULT_ADDR, Error, origin::OriginPattern, tls::TlsSettings};
 
 /// Largest message echoed by default: 16 MiB. Autobahn's 9.x cases send messages of up
 /// to 16 MiB, and a test server should take them; the global budget below keeps many
@@ -31,6 +31,11 @@ pub(crate) const DEFAULT_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 pub(crate) const DEFAULT_MAX_CONNECTIONS: usize = 19_000;
 /// Unsent echo bytes per connection past which the server stops reading from it.
 pub(crate) const DEFAULT_WRITE_BUFFER_LIMIT: usize = 128 * 1024;
+/// Bytes all connections together may hold past their free allowance (see
+/// `frame_guard`) before reading pauses: bounds memory under bulk traffic.
+pub(crate) const DEFAULT_BUFFER_BUDGET: usize = 256 * 1024 * 1024;
+/// How long an echo may wait for a client that does not read before it is closed.
+pub(crate) const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// Deflate level used when compression is negotiated (0–9).
 pub(crate) const DEFAULT_COMPRESSION_LEVEL: u32 = 1;
 /// Messages smaller than this are sent uncompressed even when deflate is negotiated.
@@ -87,6 +92,15 @@ pub struct Config {
     #[arg(long, env = "WS_ECHO_WRITE_BUFFER_LIMIT", default_value_t = DEFAULT_WRITE_BUFFER_LIMIT, value_name = "BYTES")]
     pub write_buffer_limit: usize,
 
+    /// Bytes all connections together may buffer before reading pauses (each connection
+    /// also holds up to 64 KiB outside this budget). At least the largest message.
+    #[arg(long, env = "WS_ECHO_BUFFER_BUDGET", default_value_t = DEFAULT_BUFFER_BUDGET, value_name = "BYTES")]
+    pub buffer_budget: usize,
+
+    /// Close (1008) a client that has not read its echoes for this long; 0 never does.
+    #[arg(long, env = "WS_ECHO_STALL_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub stall_timeout: Duration,
+
     /// How long open WebSockets get to close after Ctrl-C or SIGTERM.
     #[arg(long, env = "WS_ECHO_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub shutdown_timeout: Duration,
@@ -115,6 +129,26 @@ pub struct Config {
     #[arg(long, env = "WS_ECHO_MAX_CONNECTIONS", default_value_t = DEFAULT_MAX_CONNECTIONS, value_name = "N")]
     pub max_connections: usize,
 
+    /// Most WebSockets open at once from one client address (429 past it); 0 is no cap.
+    #[arg(
+        long,
+        env = "WS_ECHO_MAX_CONNECTIONS_PER_IP",
+        default_value_t = 0,
+        value_name = "N"
+    )]
+    pub max_connections_per_ip: usize,
+
+    /// Accept browser handshakes only from these origins (repeatable; `*` matches any
+    /// run of characters except `/`, e.g. `https://*.example.com`). Refused origins get
+    /// 403. By default every origin is allowed.
+    #[arg(
+        long = "allowed-origin",
+        env = "WS_ECHO_ALLOWED_ORIGINS",
+        value_delimiter = ',',
+        value_name = "ORIGIN"
+    )]
+    pub allowed_origins: Vec<String>,
+
     /// Turn permessage-deflate (RFC 7692) off: offers are declined.
     #[arg(long, env = "WS_ECHO_NO_COMPRESSION")]
     pub no_compression: bool,
@@ -141,10 +175,87 @@ pub struct Config {
     #[arg(long, env = "WS_ECHO_NO_SUBPROTOCOL", conflicts_with = "subprotocols")]
     pub no_subprotocol: bool,
 
+    /// Serve `/metrics` on this address instead of the main one (for example to keep
+    /// it off a public port). [default: on the main address]
+    #[arg(long, env = "WS_ECHO_METRICS_LISTEN", value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
+
+    /// Worker threads of the runtime; 0 uses one per core.
+    #[arg(
+        long,
+        env = "WS_ECHO_WORKER_THREADS",
+        default_value_t = 0,
+        value_name = "N"
+    )]
+    pub worker_threads: usize,
+
+    /// Run everything on one thread (tokio's current-thread runtime): the least
+    /// overhead for one core, no parallelism.
+    #[arg(
+        long,
+        env = "WS_ECHO_CURRENT_THREAD",
+        conflicts_with = "worker_threads"
+    )]
+    pub current_thread: bool,
+
     /// Name sent in the `X-Served-By` header of every response, to tell replicas apart
     /// behind a load balancer. [default: the host name]
     #[arg(long, env = "WS_ECHO_INSTANCE_NAME", value_name = "NAME")]
     pub instance_name: Option<String>,
+
+    /// PEM certificate chain (end-entity first). With --tls-key, the port serves only
+    /// https:// and wss://. [default: none, plain HTTP]
+    #[arg(
+        long,
+        env = "WS_ECHO_TLS_CERT",
+        value_name = "PATH",
+        requires = "tls_key",
+        help_heading = "TLS"
+    )]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert (PKCS#8, PKCS#1 or SEC1). [default: none]
+    #[arg(
+        long,
+        env = "WS_ECHO_TLS_KEY",
+        value_name = "PATH",
+        requires = "tls_cert",
+        help_heading = "TLS"
+    )]
+    pub tls_key: Option<PathBuf>,
+
+    /// Serve TLS with a certificate generated at startup for localhost, 127.0.0.1, ::1
+    /// and every --tls-name; its SHA-256 fingerprint is logged. [default: off]
+    #[arg(
+        long,
+        env = "WS_ECHO_TLS_SELF_SIGNED",
+        conflicts_with_all = ["tls_cert", "tls_key"],
+        help_heading = "TLS"
+    )]
+    pub tls_self_signed: bool,
+
+    /// Another host name or IP address for the self-signed certificate (repeatable).
+    /// [default: none]
+    #[arg(
+        long = "tls-name",
+        env = "WS_ECHO_TLS_NAMES",
+        value_delimiter = ',',
+        value_name = "NAME",
+        requires = "tls_self_signed",
+        help_heading = "TLS"
+    )]
+    pub tls_names: Vec<String>,
+
+    /// Write the self-signed certificate here as PEM, for clients to trust
+    /// (curl --cacert PATH; SSL_CERT_FILE=PATH for websocat). [default: not written]
+    #[arg(
+        long,
+        env = "WS_ECHO_TLS_WRITE_CERT",
+        value_name = "PATH",
+        requires = "tls_self_signed",
+        help_heading = "TLS"
+    )]
+    pub tls_write_cert: Option<PathBuf>,
 }
 
 /// Which subprotocol, if any, the server selects from a client's offer.
@@ -183,6 +294,10 @@ pub struct Settings {
     pub max_frame_size: usize,
     /// Unsent bytes per connection past which reading from it pauses.
     pub write_buffer_limit: usize,
+    /// Bytes all connections may hold past their free allowance.
+    pub buffer_budget: usize,
+    /// Close a client that has not read for this long; `None` never does.
+    pub stall_timeout: Option<Duration>,
     /// Deadline for open WebSockets after shutdown begins.
     pub shutdown_timeout: Duration,
     /// Keepalive ping interval; `None` sends none.
@@ -197,12 +312,20 @@ pub struct Settings {
     pub close_timeout: Duration,
     /// Most WebSockets open at once.
     pub max_connections: usize,
+    /// Most WebSockets open at once per client address; `None` is no cap.
+    pub max_connections_per_ip: Option<usize>,
+    /// Origins allowed to open a WebSocket; empty allows all.
+    pub allowed_origins: Vec<OriginPattern>,
     /// permessage-deflate settings.
     pub compression: CompressionSettings,
     /// Subprotocol selection.
     pub subprotocols: SubprotocolPolicy,
     /// Value of the `X-Served-By` response header.
     pub instance_name: String,
+    /// Where `/metrics` is served when not on the main address.
+    pub metrics_addr: Option<SocketAddr>,
+    /// TLS for every connection on the port; `None` serves plain HTTP (and h2c).
+    pub tls: Option<TlsSettings>,
 }
 
 impl Default for Settings {
@@ -214,6 +337,8 @@ impl Default for Settings {
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
             max_frame_size: DEFAULT_MAX_FRAME_SIZE,
             write_buffer_limit: DEFAULT_WRITE_BUFFER_LIMIT,
+            buffer_budget: DEFAULT_BUFFER_BUDGET,
+            stall_timeout: Some(DEFAULT_STALL_TIMEOUT),
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
             ping_interval: Some(DEFAULT_PING_INTERVAL),
             ping_timeout: DEFAULT_PING_TIMEOUT,
@@ -221,6 +346,8 @@ impl Default for Settings {
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             close_timeout: DEFAULT_CLOSE_TIMEOUT,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_ip: None,
+            allowed_origins: Vec::new(),
             compression: CompressionSettings {
                 enabled: true,
                 level: DEFAULT_COMPRESSION_LEVEL,
@@ -228,6 +355,8 @@ impl Default for Settings {
             },
             subprotocols: SubprotocolPolicy::AcceptFirst,
             instance_name: default_instance_name(),
+            metrics_addr: None,
+            tls: None,
         }
     }
 }
@@ -249,7 +378,9 @@ impl Config {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidSettings`] when a value is out of range.
+    /// [`Error::InvalidSettings`] when a value is out of range; [`Error::TlsMaterial`]
+    /// when the certificate or key cannot be loaded, generated or written, or do not
+    /// match.
     pub fn into_settings(self) -> Result<Settings, Error> {
         let addr = match (self.listen, self.port) {
             (Some(addr), _) => addr,
@@ -267,6 +398,19 @@ impl Config {
                 self.compression_level
             )));
         }
+        let largest = self.max_message_size.max(self.max_frame_size);
+        if self.buffer_budget < largest {
+            return Err(Error::InvalidSettings(format!(
+                "--buffer-budget ({}) must be at least the largest message or frame ({largest})",
+                self.buffer_budget
+            )));
+        }
+        let allowed_origins = self
+            .allowed_origins
+            .iter()
+            .map(|pattern| OriginPattern::parse(pattern))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(Error::InvalidSettings)?;
         if self.max_connections == 0 {
             return Err(Error::InvalidSettings(
                 "--max-connections must be at least 1".into(),
@@ -277,12 +421,18 @@ impl Config {
                 "--subprotocol {bad:?} is not an HTTP token"
             )));
         }
-        let instance_name = self.instance_name.unwrap_or_else(default_instance_name);
+        let instance_name = self
+            .instance_name
+            .clone()
+            .unwrap_or_else(default_instance_name);
         if axum::http::HeaderValue::from_str(&instance_name).is_err() {
             return Err(Error::InvalidSettings(format!(
                 "--instance-name {instance_name:?} cannot be sent in an HTTP header"
             )));
         }
+        // Last of the checks, after the cheap ones: it reads files, may generate a key
+        // and may write the certificate.
+        let tls = self.tls()?;
         let subprotocols = if self.no_subprotocol {
             SubprotocolPolicy::Never
         } else if self.subprotocols.is_empty() {
@@ -295,6 +445,8 @@ impl Config {
             max_message_size: self.max_message_size,
             max_frame_size: self.max_frame_size,
             write_buffer_limit: self.write_buffer_limit,
+            buffer_budget: self.buffer_budget,
+            stall_timeout: nonzero(self.stall_timeout),
             shutdown_timeout: self.shutdown_timeout,
             ping_interval: nonzero(self.ping_interval),
             ping_timeout: self.ping_timeout,
@@ -302,6 +454,9 @@ impl Config {
             handshake_timeout: self.handshake_timeout,
             close_timeout: self.close_timeout,
             max_connections: self.max_connections,
+            max_connections_per_ip: (self.max_connections_per_ip > 0)
+                .then_some(self.max_connections_per_ip),
+            allowed_origins,
             compression: CompressionSettings {
                 enabled: !self.no_compression,
                 level: self.compression_level,
@@ -309,7 +464,30 @@ impl Config {
             },
             subprotocols,
             instance_name,
+            metrics_addr: self.metrics_listen,
+            tls,
         })
+    }
+
+    /// Loads or generates the TLS material, and writes the generated certificate where
+    /// `--tls-write-cert` asks. clap has already refused incomplete combinations.
+    fn tls(&self) -> Result<Option<TlsSettings>, Error> {
+        if self.tls_self_signed {
+            let tls = TlsSettings::self_signed(&self.tls_names)?;
+            if let Some(path) = &self.tls_write_cert {
+                std::fs::write(path, tls.certificate_pem()).map_err(|error| {
+                    Error::TlsMaterial(format!(
+                        "could not write --tls-write-cert {}: {error}",
+                        path.display()
+                    ))
+                })?;
+            }
+            return Ok(Some(tls));
+        }
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => TlsSettings::from_pem_files(cert, key).map(Some),
+            _ => Ok(None),
+        }
     }
 }
 
@@ -331,6 +509,17 @@ mod tests {
     #[test]
     fn command_is_well_formed() {
         Config::command().debug_assert();
+    }
+
+    /// The README shows `ws_echo -h`; this keeps it from drifting.
+    #[test]
+    fn readme_shows_the_current_help() {
+        let help = Config::command().render_help().to_string();
+        let readme = include_str!("../README.md");
+        assert!(
+            readme.contains(help.trim_end()),
+            "README.md's help block differs from `ws_echo -h`; paste this:\n{help}"
+        );
     }
 
     #[test]
@@ -413,11 +602,116 @@ mod tests {
     }
 
     #[test]
+    fn budget_smaller_than_a_message_is_rejected() {
+        let bad = Config {
+            port: None,
+            ..parse(&[
+                "--buffer-budget",
+                "1000",
+                "--max-message-size",
+                "2000",
+                "--max-frame-size",
+                "2000",
+            ])
+        };
+        assert!(bad.into_settings().is_err());
+    }
+
+    #[test]
+    fn origin_patterns_are_parsed_and_checked() {
+        let ok = Config {
+            port: None,
+            ..parse(&[
+                "--allowed-origin",
+                "https://*.example.com",
+                "--allowed-origin",
+                "http://localhost:*",
+            ])
+        };
+        assert_eq!(ok.into_settings().unwrap().allowed_origins.len(), 2);
+        let bad = Config {
+            port: None,
+            ..parse(&["--allowed-origin", "example.com"])
+        };
+        assert!(bad.into_settings().is_err());
+    }
+
+    #[test]
     fn subprotocol_that_is_not_a_token_is_rejected() {
         let bad = Config {
             port: None,
             ..parse(&["--subprotocol", "a b"])
         };
         assert!(bad.into_settings().is_err());
+    }
+
+    #[test]
+    fn tls_flags_that_do_not_go_together_are_refused() {
+        for args in [
+            &["--tls-cert", "c.pem"][..],
+            &["--tls-key", "k.pem"],
+            &[
+                "--tls-self-signed",
+                "--tls-cert",
+                "c.pem",
+                "--tls-key",
+                "k.pem",
+            ],
+            &["--tls-name", "echo.test"],
+            &["--tls-write-cert", "out.pem"],
+        ] {
+            let parsed =
+                Config::try_parse_from(std::iter::once("ws_echo").chain(args.iter().copied()));
+            assert!(parsed.is_err(), "{args:?} parsed");
+        }
+    }
+
+    #[test]
+    fn no_tls_flag_means_plain_http() {
+        let settings = Config {
+            port: None,
+            ..parse(&[])
+        }
+        .into_settings()
+        .unwrap();
+        assert!(settings.tls.is_none());
+    }
+
+    #[test]
+    fn self_signed_writes_the_certificate_it_serves() {
+        let path =
+            std::env::temp_dir().join(format!("ws_echo-config-test-{}.pem", std::process::id()));
+        let settings = Config {
+            port: None,
+            ..parse(&[
+                "--tls-self-signed",
+                "--tls-write-cert",
+                path.to_str().unwrap(),
+            ])
+        }
+        .into_settings()
+        .unwrap();
+        let written = std::fs::read_to_string(&path).unwrap();
+        let _ = std::fs::remove_file(&path);
+        let tls = settings.tls.expect("TLS is on");
+        assert!(tls.is_self_signed());
+        assert_eq!(written, tls.certificate_pem());
+    }
+
+    #[test]
+    fn unwritable_certificate_path_is_a_tls_error() {
+        let result = Config {
+            port: None,
+            ..parse(&[
+                "--tls-self-signed",
+                "--tls-write-cert",
+                "/nonexistent/dir/cert.pem",
+            ])
+        }
+        .into_settings();
+        assert!(
+            matches!(&result, Err(Error::TlsMaterial(message)) if message.contains("--tls-write-cert")),
+            "{result:?}"
+        );
     }
 }

@@ -44,8 +44,10 @@ use crate::{
     app::{AppState, PeerAddr},
     assembly::{Assembler, Kind, Part},
     config::Settings,
-    frame_guard::{self, Violation},
-    handshake,
+    frame_guard::{self, GuardHandle},
+    handshake, hello,
+    limits::Full,
+    metrics::{EchoCounters, HandshakeResult, Limit, Metrics, Side},
 };
 
 /// Longest text payload shown in a debug log line; longer ones are shortened.
@@ -115,29 +117,73 @@ impl EchoConfig {
 /// connection to [`serve`] on the shared task tracker.
 pub(crate) async fn upgrade(State(state): State<AppState>, mut request: Request) -> Response {
     let peer = request.extensions().get::<PeerAddr>().map(|peer| peer.0);
+    let metrics = &state.metrics;
     let accepted = match handshake::accept(&request, &state.settings) {
         Ok(accepted) => accepted,
+        Err(rejection @ handshake::Rejection::ForbiddenOrigin) => {
+            metrics.handshake(HandshakeResult::ForbiddenOrigin);
+            metrics.limit_drop(Limit::Origin);
+            let origin = request
+                .headers()
+                .get(header::ORIGIN)
+                .map(|o| String::from_utf8_lossy(o.as_bytes()).into_owned());
+            info!(peer = ?peer, origin = origin.as_deref().unwrap_or("-"), "handshake refused: origin not in --allowed-origin");
+            return rejection.into_response();
+        }
         Err(rejection) => {
+            metrics.handshake(match rejection {
+                handshake::Rejection::MethodNotAllowed => HandshakeResult::MethodNotAllowed,
+                handshake::Rejection::NotAnUpgrade => HandshakeResult::NotAnUpgrade,
+                handshake::Rejection::UnsupportedVersion => HandshakeResult::UnsupportedVersion,
+                handshake::Rejection::BadKey => HandshakeResult::BadKey,
+                handshake::Rejection::BadSubprotocol => HandshakeResult::BadSubprotocol,
+                handshake::Rejection::ForbiddenOrigin => HandshakeResult::ForbiddenOrigin,
+            });
             debug!(peer = ?peer, reason = rejection.reason(), "handshake refused");
             return rejection.into_response();
         }
     };
-    let Ok(permit) = Arc::clone(&state.connections).try_acquire_owned() else {
-        warn!(peer = ?peer, limit = state.settings.max_connections, "connection limit reached");
+    if state.shutdown.is_cancelled() {
+        metrics.handshake(HandshakeResult::Draining);
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             [(header::RETRY_AFTER, "1")],
-            "too many open WebSockets; retry shortly\n",
+            "shutting down\n",
         )
             .into_response();
-    };
-    if state.shutdown.is_cancelled() {
-        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
     }
+    let admission = match state.limits.admit(peer.map(|peer| peer.ip())) {
+        Ok(admission) => admission,
+        Err(Full::Server) => {
+            metrics.handshake(HandshakeResult::ServerFull);
+            metrics.limit_drop(Limit::Connections);
+            warn!(peer = ?peer, limit = state.limits.max(), "connection limit reached");
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                [(header::RETRY_AFTER, "1")],
+                "too many open WebSockets; retry shortly\n",
+            )
+                .into_response();
+        }
+        Err(Full::Address) => {
+            metrics.handshake(HandshakeResult::AddressFull);
+            metrics.limit_drop(Limit::ConnectionsPerIp);
+            warn!(peer = ?peer, "per-address connection limit reached");
+            return (
+                StatusCode::TOO_MANY_REQUESTS,
+                [(header::RETRY_AFTER, "1")],
+                "too many open WebSockets from this address\n",
+            )
+                .into_response();
+        }
+    };
+    metrics.handshake(HandshakeResult::Accepted);
     let on_upgrade = hyper::upgrade::on(&mut request);
     let response = accepted.response();
     let id = state.echo.next_id.fetch_add(1, Ordering::Relaxed);
-    let span = info_span!("ws", id, peer = %peer.map_or_else(|| "-".into(), |p| p.to_string()));
+    let greeting = hello::requested(request.uri().query())
+        .then(|| hello::message(&request, peer, &accepted, id, &state.settings.instance_name));
+    let span = info_span!("ws", id, peer = %peer.map_or_else(|| "-".into(), |p| p.to_string()), http_version = ?request.version());
     let task_state = state.clone();
     state.tracker.spawn(
         async move {
@@ -148,8 +194,8 @@ pub(crate) async fn upgrade(State(state): State<AppState>, mut request: Request)
                     return;
                 }
             };
-            serve(TokioIo::new(upgraded), accepted, &task_state).await;
-            drop(permit);
+            serve(TokioIo::new(upgraded), accepted, greeting, &task_state).await;
+            drop(admission);
         }
         .instrument(span),
     );
@@ -170,8 +216,9 @@ struct Stats {
 enum Ending {
     /// The client sent Close; its code (1005 when it gave none) was echoed.
     ClientClosed(u16),
-    /// The server sent Close with this code and the handshake finished or timed out.
-    ServerClosed(u16, &'static str),
+    /// The server sent Close with this code and the handshake finished or timed out;
+    /// `Some` limit when a limit made it close.
+    ServerClosed(u16, &'static str, Option<Limit>),
     /// The engine refused the client's input and sent this close code.
     ProtocolError(u16, String),
     /// The TCP connection ended without a closing handshake.
@@ -179,13 +226,17 @@ enum Ending {
 }
 
 /// Runs one WebSocket to its end and logs the result.
-async fn serve<S>(io: S, accepted: handshake::Accepted, state: &AppState)
+async fn serve<S>(io: S, accepted: handshake::Accepted, greeting: Option<String>, state: &AppState)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     let started = Instant::now();
-    let (io, violation) = frame_guard::guard(io);
     let compressed = accepted.extensions.is_some();
+    let wire_counters = compressed.then(|| frame_guard::WireCounters {
+        read: state.counters.deflate_in.1.clone(),
+        written: state.counters.deflate_out.1.clone(),
+    });
+    let (io, guard) = frame_guard::guard(io, Arc::clone(&state.read_budget), wire_counters);
     let mut ws = match WebSocket::from_stream_with_extensions(
         io,
         Role::Server,
@@ -205,17 +256,37 @@ where
         compressed, "connection opened"
     );
     let mut stats = Stats::default();
-    let ending = EchoLoop::new(&state.settings, violation)
-        .run(&mut ws, &mut stats, &state.shutdown)
-        .await;
+    state.metrics.connections_open.inc();
+    let mut echo_loop = EchoLoop::new(
+        &state.settings,
+        guard,
+        &state.metrics,
+        &state.counters,
+        compressed,
+    );
+    // The greeting, when asked for, goes out before any echo.
+    echo_loop.pending = greeting.map(Frame::text);
+    let ending = echo_loop.run(&mut ws, &mut stats, &state.shutdown).await;
+    state.metrics.connections_open.dec();
     let duration_ms = started.elapsed().as_millis() as u64;
     let subprotocol = accepted.subprotocol.as_deref().unwrap_or("-");
     let (code, how, detail) = match &ending {
         Ending::ClientClosed(code) => (*code, "client closed", String::new()),
-        Ending::ServerClosed(code, reason) => (*code, "server closed", (*reason).to_owned()),
+        Ending::ServerClosed(code, reason, _) => (*code, "server closed", (*reason).to_owned()),
         Ending::ProtocolError(code, reason) => (*code, "protocol error", reason.clone()),
         Ending::Dropped(reason) => (1006, "dropped", reason.clone()),
     };
+    let side = match &ending {
+        Ending::ClientClosed(_) => Side::Client,
+        Ending::ServerClosed(..) | Ending::ProtocolError(..) => Side::Server,
+        Ending::Dropped(_) => Side::None,
+    };
+    state.metrics.close(side, code);
+    match &ending {
+        Ending::ServerClosed(_, _, Some(limit)) => state.metrics.limit_drop(*limit),
+        Ending::ProtocolError(1009, _) => state.metrics.limit_drop(Limit::MessageSize),
+        _ => {}
+    }
     info!(
         duration_ms,
         messages_in = stats.messages_in,
@@ -247,7 +318,14 @@ enum Event {
 /// The state of one connection's echo loop.
 struct EchoLoop<'a> {
     settings: &'a Settings,
-    violation: Violation,
+    /// Keepalive counters and the ping round-trip histogram.
+    metrics: &'a Metrics,
+    /// Message counters, resolved once per server.
+    counters: &'a EchoCounters,
+    /// Whether permessage-deflate was negotiated (for the compression-ratio counters).
+    compressed: bool,
+    /// The frame guard's refusals and the read budget.
+    guard: GuardHandle,
     /// Reassembles fragmented messages and validates text.
     assembler: Assembler,
     /// An echo (or ping) that did not fit in the write buffer yet. While it waits, the
@@ -255,6 +333,8 @@ struct EchoLoop<'a> {
     pending: Option<Frame>,
     /// Frames were queued since the last flush.
     unflushed: bool,
+    /// Since when `pending` has been waiting for a client that does not read.
+    stalled_since: Option<Instant>,
     /// When the last message arrived, for the idle timeout.
     last_message: Instant,
     /// When the next keepalive ping is due.
@@ -266,14 +346,24 @@ struct EchoLoop<'a> {
 }
 
 impl<'a> EchoLoop<'a> {
-    fn new(settings: &'a Settings, violation: Violation) -> Self {
+    fn new(
+        settings: &'a Settings,
+        guard: GuardHandle,
+        metrics: &'a Metrics,
+        counters: &'a EchoCounters,
+        compressed: bool,
+    ) -> Self {
         let now = Instant::now();
         Self {
             settings,
-            violation,
+            metrics,
+            counters,
+            compressed,
+            guard,
             assembler: Assembler::new(settings.max_message_size),
             pending: None,
             unflushed: false,
+            stalled_since: None,
             last_message: now,
             next_ping: settings.ping_interval.map(|interval| now + interval),
             awaiting_pong: None,
@@ -291,7 +381,11 @@ impl<'a> EchoLoop<'a> {
             .settings
             .idle_timeout
             .map(|idle| self.last_message + idle);
-        [self.next_ping, pong, idle]
+        let stall = self
+            .stalled_since
+            .zip(self.settings.stall_timeout)
+            .map(|(since, limit)| since + limit);
+        [self.next_ping, pong, idle, stall]
             .into_iter()
             .flatten()
             .min()
@@ -369,11 +463,17 @@ impl<'a> EchoLoop<'a> {
                             return Poll::Ready(Event::WriteFailed(error));
                         }
                         self.unflushed = true;
+                        self.stalled_since = None;
                     }
                     Poll::Ready(Err(error)) => return Poll::Ready(Event::WriteFailed(error)),
                     Poll::Pending => {
                         // The client is not reading: neither do we.
                         self.pending = Some(frame);
+                        if self.stalled_since.is_none() && self.settings.stall_timeout.is_some() {
+                            trace!("client is not reading its echoes; reading paused");
+                            self.stalled_since = Some(Instant::now());
+                            timer.as_mut().reset(self.next_deadline());
+                        }
                         return match timer.as_mut().poll(cx) {
                             Poll::Ready(()) => Poll::Ready(Event::Timer),
                             Poll::Pending => Poll::Pending,
@@ -386,7 +486,7 @@ impl<'a> EchoLoop<'a> {
             }
             // Frames before a refused header are echoed first: the guard passes them on
             // and only then stops the stream.
-            if let Some(refusal) = self.violation.occurred() {
+            if let Some(refusal) = self.guard.occurred() {
                 return Poll::Ready(Event::Refused(refusal));
             }
             if self.unflushed {
@@ -395,6 +495,11 @@ impl<'a> EchoLoop<'a> {
                     Poll::Ready(Err(error)) => return Poll::Ready(Event::WriteFailed(error)),
                     Poll::Pending => {}
                 }
+            }
+            if !self.unflushed && !self.assembler.in_progress() {
+                // Everything read so far is echoed and written out: its bytes no longer
+                // count against the read budget.
+                self.guard.release_delivered();
             }
             match timer.as_mut().poll(cx) {
                 Poll::Ready(()) => Poll::Ready(Event::Timer),
@@ -424,10 +529,23 @@ impl<'a> EchoLoop<'a> {
         match self.assembler.push(part, fin, frame.into_payload()) {
             Ok(None) => None,
             Ok(Some((kind, payload))) => {
+                let len = payload.len() as u64;
                 stats.messages_in += 1;
-                stats.bytes_in += payload.len() as u64;
+                stats.bytes_in += len;
                 stats.messages_out += 1;
-                stats.bytes_out += payload.len() as u64;
+                stats.bytes_out += len;
+                let (counted_in, counted_out) = match kind {
+                    Kind::Text => (&self.counters.text_in, &self.counters.text_out),
+                    Kind::Binary => (&self.counters.binary_in, &self.counters.binary_out),
+                };
+                counted_in.messages.inc();
+                counted_in.bytes.inc_by(len);
+                counted_out.messages.inc();
+                counted_out.bytes.inc_by(len);
+                if self.compressed {
+                    self.counters.deflate_in.0.inc_by(len);
+                    self.counters.deflate_out.0.inc_by(len);
+                }
                 self.last_message = Instant::now();
                 log_message(kind, &payload);
                 // The echo is one frame, and its payload is shared with the received
@@ -464,7 +582,9 @@ impl<'a> EchoLoop<'a> {
             OpCode::Pong => {
                 if let Some((sent_payload, sent_at)) = self.awaiting_pong {
                     if frame.payload().as_ref() == sent_payload.to_be_bytes() {
-                        trace!(rtt_us = sent_at.elapsed().as_micros() as u64, "pong");
+                        let rtt = sent_at.elapsed();
+                        trace!(rtt_us = rtt.as_micros() as u64, "pong");
+                        self.metrics.ping_rtt.observe(rtt.as_secs_f64());
                         self.awaiting_pong = None;
                     }
                 }
@@ -507,6 +627,16 @@ impl<'a> EchoLoop<'a> {
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
         let now = Instant::now();
+        if let (Some(since), Some(limit)) = (self.stalled_since, self.settings.stall_timeout) {
+            if now >= since + limit {
+                // The write side is full, so this Close is sent only if room appears.
+                let reason = "client stopped reading its echoes";
+                let _ = ws
+                    .send(Frame::close(CloseCode::Policy, reason))
+                    .now_or_never();
+                return Some(Ending::ServerClosed(1008, reason, Some(Limit::Stall)));
+            }
+        }
         if let Some((_, sent_at)) = self.awaiting_pong {
             if now >= sent_at + self.settings.ping_timeout {
                 // The peer is not answering; there is no handshake to wait for.
@@ -514,12 +644,19 @@ impl<'a> EchoLoop<'a> {
                 let _ = ws
                     .send(Frame::close(CloseCode::Away, reason))
                     .now_or_never();
-                return Some(Ending::ServerClosed(1001, reason));
+                return Some(Ending::ServerClosed(1001, reason, Some(Limit::Keepalive)));
             }
         }
         if let Some(idle) = self.settings.idle_timeout {
             if now >= self.last_message + idle {
-                return Some(Box::pin(self.close(ws, CloseCode::Normal, "idle timeout")).await);
+                return Some(
+                    match Box::pin(self.close(ws, CloseCode::Normal, "idle timeout")).await {
+                        Ending::ServerClosed(code, reason, _) => {
+                            Ending::ServerClosed(code, reason, Some(Limit::Idle))
+                        }
+                        other => other,
+                    },
+                );
             }
         }
         if let (Some(due), Some(interval)) = (self.next_ping, self.settings.ping_interval) {
@@ -530,6 +667,7 @@ impl<'a> EchoLoop<'a> {
                 if self.pending.is_none() && self.awaiting_pong.is_none() {
                     self.pings_sent += 1;
                     self.pending = Some(Frame::ping(self.pings_sent.to_be_bytes().to_vec()));
+                    self.metrics.pings_sent.inc();
                     self.awaiting_pong = Some((self.pings_sent, now));
                 }
             }
@@ -590,10 +728,10 @@ impl<'a> EchoLoop<'a> {
         };
         match timeout(self.settings.close_timeout, handshake).await {
             Ok(Ok(())) | Ok(Err(WebSocketError::ConnectionClosed)) => {
-                Ending::ServerClosed(code_number, reason)
+                Ending::ServerClosed(code_number, reason, None)
             }
             Ok(Err(error)) => Ending::Dropped(error.to_string()),
-            Err(_) => Ending::ServerClosed(code_number, "close handshake timed out"),
+            Err(_) => Ending::ServerClosed(code_number, "close handshake timed out", None),
         }
     }
 }

@@ -1,4 +1,5 @@
-//! The errors a caller of this library can act on: bad settings and I/O on the listener.
+//! The errors a caller of this library can act on: bad settings, bad TLS material, and
+//! I/O on the listener.
 //!
 //! A connection's own errors never appear here: they end at that connection, which logs
 //! them and closes with the matching WebSocket close code.
@@ -14,4 +15,8 @@ pub enum Error {
     /// A setting is out of range or inconsistent with another.
     #[error("invalid setting: {0}")]
     InvalidSettings(String),
+    /// The TLS certificate or key could not be read, parsed, generated or written, or
+    /// the key does not belong to the certificate.
+    #[error("TLS: {0}")]
+    TlsMaterial(String),
 }

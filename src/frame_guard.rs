@@ -13,21 +13,41 @@
 //! reads only headers and never copies payloads). At a bad header it hands the engine
 //! nothing from that frame on, stops reading, and records why; the echo loop turns that
 //! into Close 1002 with the reason.
+//!
+//! The guard also charges what it reads to the server's **read budget**, a semaphore of
+//! bytes shared by all connections. Each connection may hold [`FREE_ALLOWANCE`] bytes
+//! without charge, so that light clients are never held up; past that, it reads only
+//! what it can take from the budget, and waits (TCP backpressure) when the budget is
+//! spent. The echo loop gives the bytes back once their echoes are flushed
+//! ([`GuardHandle::release_delivered`]), and the guard gives back the rest when the
+//! connection ends.
 
 use std::{
     io,
     pin::Pin,
     sync::{
         Arc,
-        atomic::{AtomicU8, Ordering},
+        atomic::{AtomicU8, AtomicUsize, Ordering},
     },
     task::{Context, Poll},
 };
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use prometheus_client::metrics::counter::Counter;
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    sync::Semaphore,
+};
+use tokio_util::sync::PollSemaphore;
 
 /// The largest payload of a control frame (RFC 6455 §5.5).
 const MAX_CONTROL_PAYLOAD: u8 = 125;
+
+/// Bytes a connection may hold without charging the read budget: enough for every
+/// small-message workload, so only bulk senders ever wait for the budget.
+pub(crate) const FREE_ALLOWANCE: usize = 64 * 1024;
+
+/// Most bytes read at once past the allowance: the unit taken from the budget.
+const BUDGET_CHUNK: usize = 64 * 1024;
 
 /// A frame header the guard refused, with the reason sent in the Close frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,38 +116,105 @@ impl Position {
     };
 }
 
-/// A stream wrapper that stops at the first oversized control frame.
+/// A stream wrapper that stops at the first refused frame header and charges what it
+/// reads to the read budget.
 ///
 /// Created by [`guard`] around the upgraded connection and owned by the engine's
-/// WebSocket; dropping it drops the connection.
+/// stream; dropping it drops the connection and returns its budget.
 #[derive(Debug)]
 pub(crate) struct FrameGuard<S> {
     inner: S,
     position: Position,
-    /// Shared with the [`Violation`] the echo loop holds: 0, or a [`Refusal`].
-    violated: Arc<AtomicU8>,
+    /// Bytes of the frame in progress that have passed (0 at a frame boundary).
+    frame_passed: usize,
+    /// This connection's handle on the shared read budget.
+    budget: PollSemaphore,
+    /// Shared with the [`GuardHandle`] the echo loop holds.
+    shared: Arc<Shared>,
+    /// Counters of bytes on the wire, for connections whose compression ratio is
+    /// measured.
+    wire: Option<WireCounters>,
 }
 
-/// The echo loop's view of the guard: whether it stopped the stream, and why.
-#[derive(Debug, Clone)]
-pub(crate) struct Violation(Arc<AtomicU8>);
+/// Wire byte counters a guard adds to as bytes pass.
+#[derive(Debug)]
+pub(crate) struct WireCounters {
+    /// Bytes read from the client.
+    pub(crate) read: Counter,
+    /// Bytes written to the client.
+    pub(crate) written: Counter,
+}
 
-impl Violation {
+/// State the guard and the echo loop share. Both run in the connection's task; the
+/// atomics only make the type `Sync`.
+#[derive(Debug, Default)]
+struct Shared {
+    /// 0, or the [`Refusal`] that stopped the stream.
+    refusal: AtomicU8,
+    /// Bytes read and not yet given back.
+    held: AtomicUsize,
+    /// Budget permits taken; always at least `held - FREE_ALLOWANCE`.
+    acquired: AtomicUsize,
+    /// Bytes of an incomplete frame among `held`: not delivered to the engine as a frame.
+    partial: AtomicUsize,
+}
+
+/// The echo loop's view of the guard: why it stopped the stream, and the budget.
+#[derive(Debug)]
+pub(crate) struct GuardHandle {
+    shared: Arc<Shared>,
+    budget: Arc<Semaphore>,
+}
+
+impl GuardHandle {
     /// The refused header, if one arrived; nothing after it is read.
     pub(crate) fn occurred(&self) -> Option<Refusal> {
-        Refusal::from_u8(self.0.load(Ordering::Acquire))
+        Refusal::from_u8(self.shared.refusal.load(Ordering::Acquire))
+    }
+
+    /// Gives back the budget of every byte delivered in complete frames. Called by the
+    /// echo loop when everything it read has been echoed and flushed.
+    pub(crate) fn release_delivered(&self) {
+        let partial = self.shared.partial.load(Ordering::Relaxed);
+        self.shared.held.store(partial, Ordering::Relaxed);
+        let keep = partial.saturating_sub(FREE_ALLOWANCE);
+        let acquired = self.shared.acquired.swap(keep, Ordering::Relaxed);
+        if acquired > keep {
+            self.budget.add_permits(acquired - keep);
+        }
+    }
+
+    /// Bytes this connection holds against the allowance and budget.
+    #[cfg(test)]
+    pub(crate) fn held(&self) -> usize {
+        self.shared.held.load(Ordering::Relaxed)
     }
 }
 
-/// Wraps `inner`, which must start at a frame boundary (right after the handshake).
-pub(crate) fn guard<S>(inner: S) -> (FrameGuard<S>, Violation) {
-    let violated = Arc::new(AtomicU8::new(0));
+/// Wraps `inner`, which must start at a frame boundary (right after the handshake),
+/// charging reads to `budget`.
+pub(crate) fn guard<S>(
+    inner: S,
+    budget: Arc<Semaphore>,
+    wire: Option<WireCounters>,
+) -> (FrameGuard<S>, GuardHandle) {
+    let shared = Arc::new(Shared::default());
     let guard = FrameGuard {
         inner,
         position: Position::START,
-        violated: Arc::clone(&violated),
+        frame_passed: 0,
+        budget: PollSemaphore::new(Arc::clone(&budget)),
+        shared: Arc::clone(&shared),
+        wire,
     };
-    (guard, Violation(violated))
+    (guard, GuardHandle { shared, budget })
+}
+
+impl<S> Drop for FrameGuard<S> {
+    fn drop(&mut self) {
+        self.budget
+            .add_permits(self.shared.acquired.swap(0, Ordering::Relaxed));
+    }
 }
 
 impl<S> FrameGuard<S> {
@@ -141,14 +228,17 @@ impl<S> FrameGuard<S> {
                     let step = (*remaining).min((bytes.len() - index) as u64);
                     *remaining -= step;
                     index += step as usize;
+                    self.frame_passed += step as usize;
                     if *remaining == 0 {
                         self.position = Position::START;
+                        self.frame_passed = 0;
                     }
                 }
                 Position::Header { header, have, need } => {
                     header[*have] = bytes[index];
                     *have += 1;
                     index += 1;
+                    self.frame_passed += 1;
                     if *have == 2 {
                         if let Some(refusal) = Refusal::check(header[0], header[1]) {
                             return Some((index.saturating_sub(2), refusal));
@@ -169,11 +259,12 @@ impl<S> FrameGuard<S> {
                             ),
                             short => u64::from(short),
                         };
-                        self.position = if payload == 0 {
-                            Position::START
+                        if payload == 0 {
+                            self.position = Position::START;
+                            self.frame_passed = 0;
                         } else {
-                            Position::Payload { remaining: payload }
-                        };
+                            self.position = Position::Payload { remaining: payload };
+                        }
                     }
                 }
             }
@@ -188,25 +279,65 @@ impl<S: AsyncRead + Unpin> AsyncRead for FrameGuard<S> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        if self.violated.load(Ordering::Acquire) != 0 {
+        let this = &mut *self;
+        if this.shared.refusal.load(Ordering::Acquire) != 0 {
             // Wake every time: the engine may poll twice with different wakers, and the
-            // echo loop checks the flag as soon as the engine has no frame left, so this
-            // cannot spin.
+            // echo loop checks the refusal as soon as the engine has no frame left, so
+            // this cannot spin.
             cx.waker().wake_by_ref();
             return Poll::Pending;
         }
+        let held = this.shared.held.load(Ordering::Relaxed);
+        let acquired = this.shared.acquired.load(Ordering::Relaxed);
+        // What may be read without taking more from the budget.
+        let covered = (FREE_ALLOWANCE + acquired).saturating_sub(held);
         let before = buf.filled().len();
-        std::task::ready!(Pin::new(&mut self.inner).poll_read(cx, buf))?;
-        let after = buf.filled().len();
-        if after == before {
-            return Poll::Ready(Ok(()));
+        if buf.remaining() <= covered {
+            std::task::ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
+        } else {
+            let want = buf.remaining().min(BUDGET_CHUNK).max(covered);
+            if want > covered {
+                let need = u32::try_from(want - covered).expect("invariant: at most BUDGET_CHUNK");
+                match std::task::ready!(this.budget.poll_acquire_many(cx, need)) {
+                    Some(permit) => {
+                        permit.forget();
+                        this.shared
+                            .acquired
+                            .fetch_add(need as usize, Ordering::Relaxed);
+                    }
+                    // The semaphore is never closed; treat it as the end of the stream.
+                    None => return Poll::Ready(Ok(())),
+                }
+            }
+            // Read at most `want` bytes. This initialises (zeroes) at most one chunk of
+            // the engine's spare buffer, and only for connections past their allowance.
+            let mut limited = ReadBuf::new(buf.initialize_unfilled_to(want));
+            std::task::ready!(Pin::new(&mut this.inner).poll_read(cx, &mut limited))?;
+            let read = limited.filled().len();
+            buf.advance(read);
         }
-        let Some((offset, refusal)) = self.scan(&buf.filled()[before..after]) else {
-            return Poll::Ready(Ok(()));
-        };
-        self.violated.store(refusal as u8, Ordering::Release);
-        buf.set_filled(before + offset);
-        if offset == 0 {
+        let after = buf.filled().len();
+        let refused = this.scan(&buf.filled()[before..after]);
+        if let Some((offset, refusal)) = refused {
+            this.shared.refusal.store(refusal as u8, Ordering::Release);
+            buf.set_filled(before + offset);
+        }
+        let delivered = buf.filled().len() - before;
+        if let Some(wire) = &this.wire {
+            wire.read.inc_by(delivered as u64);
+        }
+        let held = this.shared.held.fetch_add(delivered, Ordering::Relaxed) + delivered;
+        this.shared
+            .partial
+            .store(this.frame_passed, Ordering::Relaxed);
+        // Give back permits taken for bytes that did not come.
+        let needed = held.saturating_sub(FREE_ALLOWANCE);
+        let acquired = this.shared.acquired.load(Ordering::Relaxed);
+        if acquired > needed {
+            this.shared.acquired.store(needed, Ordering::Relaxed);
+            this.budget.add_permits(acquired - needed);
+        }
+        if refused.is_some() && delivered == 0 {
             // Returning no bytes would read as end of stream; wait for the loop instead.
             cx.waker().wake_by_ref();
             return Poll::Pending;
@@ -221,7 +352,11 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for FrameGuard<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let written = std::task::ready!(Pin::new(&mut self.inner).poll_write(cx, buf))?;
+        if let Some(wire) = &self.wire {
+            wire.written.inc_by(written as u64);
+        }
+        Poll::Ready(Ok(written))
     }
 
     fn poll_write_vectored(
@@ -229,7 +364,11 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for FrameGuard<S> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let written = std::task::ready!(Pin::new(&mut self.inner).poll_write_vectored(cx, bufs))?;
+        if let Some(wire) = &self.wire {
+            wire.written.inc_by(written as u64);
+        }
+        Poll::Ready(Ok(written))
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -249,6 +388,10 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for FrameGuard<S> {
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt, duplex};
+
+    fn budget(bytes: usize) -> Arc<Semaphore> {
+        Arc::new(Semaphore::new(bytes))
+    }
 
     /// A masked client frame with `payload_len` zero bytes of payload.
     fn frame(opcode: u8, payload_len: usize) -> Vec<u8> {
@@ -272,7 +415,7 @@ mod tests {
     #[tokio::test]
     async fn frames_within_limits_pass_unchanged() {
         let (client, server) = duplex(1 << 20);
-        let (mut guarded, violation) = guard(server);
+        let (mut guarded, violation) = guard(server, budget(1 << 30), None);
         let mut sent = frame(0x2, 70_000);
         sent.extend(frame(0x9, 125));
         sent.extend(frame(0x1, 0));
@@ -289,7 +432,7 @@ mod tests {
     #[tokio::test]
     async fn oversized_close_is_withheld_and_flagged() {
         let (mut client, server) = duplex(1 << 16);
-        let (mut guarded, violation) = guard(server);
+        let (mut guarded, violation) = guard(server, budget(1 << 30), None);
         let good = frame(0x1, 5);
         let mut sent = good.clone();
         sent.extend(frame(0x8, 126));
@@ -308,7 +451,7 @@ mod tests {
 
     #[test]
     fn header_split_across_reads_is_followed() {
-        let (guarded, _violation) = guard(());
+        let (guarded, _violation) = guard((), budget(1 << 30), None);
         let mut guarded = guarded;
         let sent = frame(0x2, 300);
         for byte in &sent {
@@ -320,6 +463,57 @@ mod tests {
             guarded.scan(&bad[1..]),
             Some((0, Refusal::OversizedControl))
         );
+    }
+
+    /// Past the free allowance, a connection reads only what the budget covers, and
+    /// delivered bytes go back to the budget when released.
+    #[tokio::test]
+    async fn reads_past_the_allowance_wait_for_the_budget() {
+        let budget = budget(32 * 1024);
+        let (mut client, server) = duplex(1 << 20);
+        let (mut guarded, handle) = guard(server, Arc::clone(&budget), None);
+        let sent = frame(0x2, 200 * 1024);
+        client.write_all(&sent).await.unwrap();
+        let mut received = Vec::new();
+        let mut chunk = vec![0; 16 * 1024];
+        let read_all_we_can = async {
+            loop {
+                let n = guarded.read(&mut chunk).await.unwrap();
+                received.extend_from_slice(&chunk[..n]);
+            }
+        };
+        let _ = tokio::time::timeout(std::time::Duration::from_millis(100), read_all_we_can).await;
+        assert_eq!(
+            received.len(),
+            FREE_ALLOWANCE + 32 * 1024,
+            "allowance plus budget, then it waits"
+        );
+        assert_eq!(budget.available_permits(), 0);
+        // Nothing is delivered as a whole frame yet, so nothing can be given back.
+        handle.release_delivered();
+        assert_eq!(budget.available_permits(), 0);
+        drop(guarded);
+        assert_eq!(
+            budget.available_permits(),
+            32 * 1024,
+            "a closed connection returns its budget"
+        );
+    }
+
+    #[tokio::test]
+    async fn released_frames_return_their_budget() {
+        let budget = budget(1 << 20);
+        let (mut client, server) = duplex(1 << 20);
+        let (mut guarded, handle) = guard(server, Arc::clone(&budget), None);
+        let sent = frame(0x2, 100 * 1024);
+        client.write_all(&sent).await.unwrap();
+        let mut received = vec![0; sent.len()];
+        guarded.read_exact(&mut received).await.unwrap();
+        assert_eq!(handle.held(), sent.len());
+        assert!(budget.available_permits() < 1 << 20);
+        handle.release_delivered();
+        assert_eq!(handle.held(), 0);
+        assert_eq!(budget.available_permits(), 1 << 20);
     }
 
     #[test]

@@ -73,6 +73,8 @@ pub(crate) enum Rejection {
     BadKey,
     /// `Sec-WebSocket-Protocol` is not a list of tokens: 400.
     BadSubprotocol,
+    /// The `Origin` matches no `--allowed-origin` pattern: 403.
+    ForbiddenOrigin,
 }
 
 impl Rejection {
@@ -84,6 +86,7 @@ impl Rejection {
             Self::UnsupportedVersion => "unsupported websocket version",
             Self::BadKey => "missing or malformed Sec-WebSocket-Key",
             Self::BadSubprotocol => "malformed Sec-WebSocket-Protocol",
+            Self::ForbiddenOrigin => "origin not allowed",
         }
     }
 }
@@ -109,6 +112,11 @@ impl IntoResponse for Rejection {
                 StatusCode::UPGRADE_REQUIRED,
                 [(header::SEC_WEBSOCKET_VERSION, VERSION)],
                 format!("{reason}: this server speaks Sec-WebSocket-Version {VERSION}\n"),
+            )
+                .into_response(),
+            Self::ForbiddenOrigin => (
+                StatusCode::FORBIDDEN,
+                format!("{reason}: this server accepts WebSockets only from configured origins\n"),
             )
                 .into_response(),
             Self::BadKey | Self::BadSubprotocol => {
@@ -148,6 +156,21 @@ pub(crate) fn accept<B>(request: &Request<B>, settings: &Settings) -> Result<Acc
         Some(_) => Some(accept_key_for(headers)?),
         None => None,
     };
+
+    if !settings.allowed_origins.is_empty() {
+        // Browsers always send Origin; other clients may send anything, so an absent
+        // header is no evidence of a cross-site page (see `origin`).
+        if let Some(origin) = headers.get(header::ORIGIN) {
+            let origin = origin.to_str().map_err(|_| Rejection::ForbiddenOrigin)?;
+            if !settings
+                .allowed_origins
+                .iter()
+                .any(|pattern| pattern.matches(origin))
+            {
+                return Err(Rejection::ForbiddenOrigin);
+            }
+        }
+    }
 
     let subprotocol = select_subprotocol(headers, &settings.subprotocols)?;
     let extensions = settings

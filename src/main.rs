@@ -12,11 +12,20 @@ use ws_echo::{Config, LogFormat};
 fn main() -> anyhow::Result<ExitCode> {
     let config = Config::parse();
     init_tracing(&config.log_level, config.log_format)?;
-    let settings = config.into_settings()?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    let mut runtime = if config.current_thread {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        if config.worker_threads > 0 {
+            builder.worker_threads(config.worker_threads);
+        }
+        builder
+    };
+    let runtime = runtime
         .enable_all()
         .build()
         .context("could not start the tokio runtime")?;
+    let settings = config.into_settings()?;
     runtime.block_on(async {
         let listener = TcpListener::bind(settings.addr)
             .await

@@ -6,24 +6,29 @@
 //! (slowloris), `TCP_NODELAY` (echoes are small and latency-bound), the peer address for
 //! logs, HTTP/2 extended CONNECT (RFC 8441), and a drain that covers upgraded sockets.
 
-use std::{future::Future, io, time::Duration};
+use std::{future::Future, io, net::SocketAddr, sync::Arc, time::Duration};
 
-use axum::{extract::Request, http::Response};
+use axum::extract::Request;
 use hyper::body::Incoming;
 use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
     server::conn::auto,
 };
-use tokio::net::TcpListener;
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::{TcpListener, TcpStream},
+    sync::Notify,
+};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tower::ServiceExt;
 use tracing::{debug, info, warn};
 
 use crate::{
     Error,
-    app::{self, AppState, PeerAddr},
+    app::{self, AppState, PeerAddr, TlsInfo},
     config::Settings,
-    shutdown,
+    metrics::{Limit, Metrics},
+    shutdown, tls,
 };
 
 /// How long to pause accepting after an error such as "too many open files", so that
@@ -65,29 +70,33 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
     let local = listener.local_addr()?;
-    let token = CancellationToken::new();
-    let tracker = TaskTracker::new();
-    let deadline = settings.shutdown_timeout;
-    let handshake_timeout = settings.handshake_timeout;
-    let state = AppState::new(settings, token.clone(), tracker.clone());
-    let router = app::router(state);
-
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(handshake_timeout);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .enable_connect_protocol();
-
-    info!(url = %format!("http://{local}/"), websocket = %format!("ws://{local}/ws"), "ws_echo listening");
-    tokio::pin!(shutdown);
-    loop {
+    let metrics_addr = settings.metrics_addr;
+    let server = Server::new(settings);
+    if let Some(addr) = metrics_addr {
+        server.serve_metrics(TcpListener::bind(addr).await?)?;
+    }
+    let (http, ws) = if server.tls.is_some() {
+        ("https", "wss")
+    } else {
+        ("http", "ws")
+    };
+    info!(url = %format!("{http}://{local}/"), websocket = %format!("{ws}://{local}/ws"), "ws_echo listening");
+    if let Some((sha256, self_signed)) = &server.certificate {
+        info!(%sha256, self_signed, "TLS certificate");
+    }
+    // Serve until the shutdown signal, then keep accepting while the drain runs: a
+    // connection that arrives during the drain gets a prompt answer (503 from /readyz
+    // and for upgrades) instead of hanging until the process exits, and proxies fail
+    // over at once.
+    let drain = async {
+        shutdown.await;
+        server.drain().await
+    };
+    tokio::pin!(drain);
+    let remaining = loop {
         let (stream, peer) = tokio::select! {
             biased;
-            () = &mut shutdown => break,
+            remaining = &mut drain => break remaining,
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(error) => {
@@ -100,21 +109,198 @@ pub async fn run(
         if let Err(error) = stream.set_nodelay(true) {
             debug!(%peer, %error, "could not set TCP_NODELAY");
         }
-        let router = router.clone();
+        server.spawn_tcp(stream, peer);
+    };
+    info!(remaining, "ws_echo stopped");
+    Ok(())
+}
+
+/// One server's shared machinery: the router, the HTTP builder, and the drain.
+///
+/// [`run`] is the usual way in. `Server` serves connections accepted elsewhere: tests
+/// and fuzzing drive it over in-memory streams, and an embedder can feed it its own
+/// transport.
+///
+/// # Example
+///
+/// ```no_run
+/// # async fn example() {
+/// let server = ws_echo::Server::new(ws_echo::Settings::default());
+/// let (client, server_side) = tokio::io::duplex(64 * 1024);
+/// server.spawn_connection(server_side, "127.0.0.1:9".parse().unwrap());
+/// // ... speak HTTP and WebSocket over `client` ...
+/// # drop(client);
+/// server.drain().await;
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Server {
+    /// The router with its state; cloned into each connection's service.
+    router: axum::Router,
+    /// HTTP/1.1 + HTTP/2 settings shared by every connection.
+    builder: auto::Builder<TokioExecutor>,
+    /// The same, without HTTP/1.1 keep-alive: connections accepted during the drain
+    /// get one answer (a 503 for upgrades and `/readyz`) and are closed.
+    draining_builder: auto::Builder<TokioExecutor>,
+    /// Cancelled when the drain begins.
+    token: CancellationToken,
+    /// Every HTTP connection and every WebSocket runs in here.
+    tracker: TaskTracker,
+    /// How long [`Server::drain`] waits.
+    deadline: Duration,
+    /// How long a new connection has to deliver its first request's headers.
+    handshake_timeout: Duration,
+    /// The metrics of this server, shared with the router's state.
+    metrics: Arc<Metrics>,
+    /// TLS for every TCP connection, when configured.
+    tls: Option<tls::Acceptor>,
+    /// The certificate's SHA-256 and whether it was generated, for the startup log.
+    certificate: Option<(String, bool)>,
+}
+
+impl Server {
+    /// A server with `settings`, serving nothing yet.
+    pub fn new(settings: Settings) -> Self {
+        let token = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let deadline = settings.shutdown_timeout;
+        let handshake_timeout = settings.handshake_timeout;
+        let tls = settings
+            .tls
+            .as_ref()
+            .map(|tls| tls.acceptor(handshake_timeout));
+        let certificate = settings
+            .tls
+            .as_ref()
+            .map(|tls| (tls.fingerprint(), tls.is_self_signed()));
+        let state = AppState::new(settings, token.clone(), tracker.clone());
+        let metrics = Arc::clone(&state.metrics);
+        let router = app::router(state);
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(handshake_timeout);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .enable_connect_protocol();
+        let mut draining_builder = builder.clone();
+        draining_builder.http1().keep_alive(false);
+        Self {
+            router,
+            builder,
+            draining_builder,
+            token,
+            tracker,
+            deadline,
+            handshake_timeout,
+            metrics,
+            tls,
+            certificate,
+        }
+    }
+
+    /// Serves HTTP (and WebSockets upgraded from it) on `io` in a task of its own.
+    /// `peer` is the address logged and used for per-address limits.
+    pub fn spawn_connection<I>(&self, io: I, peer: SocketAddr)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        self.tracker.spawn(self.serve_http(io, peer, None));
+    }
+
+    /// Serves an accepted TCP connection: TLS first when configured, then HTTP. The TLS
+    /// handshake runs in the connection's own task, so the accept loop is already back
+    /// at `accept`, and under the handshake timeout.
+    fn spawn_tcp(&self, stream: TcpStream, peer: SocketAddr) {
+        let Some(tls) = self.tls.clone() else {
+            return self.spawn_connection(stream, peer);
+        };
+        let server = self.clone();
+        self.tracker.spawn(async move {
+            let handshake = tokio::select! {
+                handshake = tls.accept(stream) => handshake,
+                () = server.token.cancelled() => return,
+            };
+            match handshake {
+                Ok(stream) => {
+                    let (_, session) = stream.get_ref();
+                    let info = TlsInfo {
+                        protocol: session
+                            .protocol_version()
+                            .map_or_else(String::new, |v| format!("{v:?}")),
+                        alpn: session
+                            .alpn_protocol()
+                            .map(|p| String::from_utf8_lossy(p).into_owned()),
+                        server_name: session.server_name().map(str::to_owned),
+                    };
+                    server.serve_http(stream, peer, Some(info)).await;
+                }
+                Err(error) => debug!(%peer, %error, "TLS handshake failed"),
+            }
+        });
+    }
+
+    /// HTTP/1.1 and HTTP/2 on `io` until the client leaves, the first request does not
+    /// come in time, or the drain closes it. Upgraded WebSockets live on in their own
+    /// tasks.
+    fn serve_http<I>(
+        &self,
+        io: I,
+        peer: SocketAddr,
+        tls: Option<TlsInfo>,
+    ) -> impl Future<Output = ()> + Send + 'static
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let router = self.router.clone();
+        // Set when the first request's headers are in. hyper's own header timeout starts
+        // only once the protocol is known, and the HTTP/1-or-2 detection before it waits
+        // for bytes without limit, so a silent connection would be held forever.
+        let first_request = Arc::new(Notify::new());
+        let request_arrived = Arc::clone(&first_request);
         let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+            request_arrived.notify_one();
             let mut request = request.map(axum::body::Body::new);
             request.extensions_mut().insert(PeerAddr(peer));
+            if let Some(tls) = &tls {
+                request.extensions_mut().insert(tls.clone());
+            }
             router.clone().oneshot(request)
         });
+        // A connection accepted during the drain is not cut by it (it would be closed
+        // before its request is read); its builder closes it after one answer instead.
+        let draining = self.token.is_cancelled();
+        let builder = if draining {
+            &self.draining_builder
+        } else {
+            &self.builder
+        };
         let connection = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+            .serve_connection_with_upgrades(TokioIo::new(io), service)
             .into_owned();
-        let token = token.clone();
-        tracker.spawn(async move {
+        let token = self.token.clone();
+        let handshake_timeout = self.handshake_timeout;
+        let metrics = Arc::clone(&self.metrics);
+        async move {
             tokio::pin!(connection);
+            let handshake_deadline = async {
+                if tokio::time::timeout(handshake_timeout, first_request.notified())
+                    .await
+                    .is_ok()
+                {
+                    std::future::pending::<()>().await;
+                }
+            };
             let result = tokio::select! {
                 result = connection.as_mut() => result,
-                () = token.cancelled() => {
+                () = handshake_deadline => {
+                    debug!(%peer, "no request headers within the handshake timeout; closing");
+                    metrics.limit_drop(Limit::HandshakeTimeout);
+                    return;
+                }
+                () = token.cancelled(), if !draining => {
                     // Finish the request in flight, then close; idle keep-alive
                     // connections close at once.
                     connection.as_mut().graceful_shutdown();
@@ -124,12 +310,31 @@ pub async fn run(
             if let Err(error) = result {
                 debug!(%peer, %error, "HTTP connection ended with an error");
             }
-        });
+        }
     }
 
-    let remaining = shutdown::drain(&token, &tracker, deadline).await;
-    info!(remaining, "ws_echo stopped");
-    Ok(())
+    /// Serves `/metrics` alone on `listener` until the drain begins.
+    fn serve_metrics(&self, listener: TcpListener) -> io::Result<()> {
+        info!(url = %format!("http://{}/metrics", listener.local_addr()?), "metrics listening");
+        let router = app::metrics_router(Arc::clone(&self.metrics));
+        let stop = self.token.clone().cancelled_owned();
+        self.tracker.spawn(async move {
+            if let Err(error) = axum::serve(listener, router)
+                .with_graceful_shutdown(stop)
+                .await
+            {
+                warn!(%error, "metrics listener failed");
+            }
+        });
+        Ok(())
+    }
+
+    /// Begins the drain and waits for it: no new WebSockets, Close 1001 to open ones,
+    /// then up to the shutdown timeout for them to close. Returns how many connections
+    /// were still open at the deadline.
+    pub async fn drain(&self) -> usize {
+        shutdown::drain(&self.token, &self.tracker, self.deadline).await
+    }
 }
 
 /// Logs an accept error. None of them stops the server: they concern one connection
@@ -137,6 +342,3 @@ pub async fn run(
 fn accept_error(error: &io::Error) {
     warn!(%error, "accept failed");
 }
-
-/// Type check: the router's responses are what hyper serves.
-const _: fn(Response<axum::body::Body>) = |_| {};

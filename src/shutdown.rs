@@ -9,7 +9,7 @@
 //! they have, send Close 1001 and wait for the answer), and [`drain`] waits for the
 //! tracker to empty or the deadline to pass, whichever is first.
 
-use std::time::Duration;
+use std::{future::Future, time::Duration};
 
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{info, warn};
@@ -17,28 +17,35 @@ use tracing::{info, warn};
 /// Completes on Ctrl-C (SIGINT) or, on Unix, SIGTERM: the signals a terminal, systemd,
 /// Docker and Kubernetes send to stop a process.
 ///
+/// The handlers are installed when this function is called, not when the future is
+/// first polled, so a signal that arrives while the server is still starting is not
+/// lost to the default action (which would kill the process).
+///
 /// # Panics
 ///
-/// If the signal handlers cannot be installed, which happens only when the process runs
-/// outside a tokio runtime with signal support.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        tokio::signal::ctrl_c()
-            .await
-            .expect("invariant: tokio's signal driver is enabled");
-    };
+/// When called outside a tokio runtime with signal support (`enable_all`/`enable_io`),
+/// where no handler can be installed.
+pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
     #[cfg(unix)]
-    let terminate = async {
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("invariant: tokio's signal driver is enabled")
-            .recv()
-            .await;
-    };
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut interrupt =
+            signal(SignalKind::interrupt()).expect("invariant: tokio's signal driver is enabled");
+        let mut terminate =
+            signal(SignalKind::terminate()).expect("invariant: tokio's signal driver is enabled");
+        async move {
+            tokio::select! {
+                _ = interrupt.recv() => info!("Ctrl-C received, shutting down"),
+                _ = terminate.recv() => info!("SIGTERM received, shutting down"),
+            }
+        }
+    }
     #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => info!("Ctrl-C received, shutting down"),
-        () = terminate => info!("SIGTERM received, shutting down"),
+    {
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+            info!("Ctrl-C received, shutting down");
+        }
     }
 }
 

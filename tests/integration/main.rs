@@ -1,0 +1,16 @@
+//! Integration tests: the server on a real socket (port 0), real clients.
+//!
+//! One test binary with topic modules, so it links once.
+
+mod abuse;
+mod browser_tls;
+mod conformance;
+mod echo;
+mod handshake;
+mod hello;
+mod http2;
+mod limits;
+mod metrics;
+mod shutdown;
+mod support;
+mod tls;
