@@ -21,10 +21,23 @@ use crate::{
     page,
 };
 
-/// State shared by every handler. Created once by `server::run`; each request gets a
-/// clone (all fields are reference-counted handles).
+/// State shared by every handler and every connection task: one reference count, so
+/// that each of tens of thousands of idle WebSocket tasks holds one pointer, not a
+/// dozen. Fields are reached through `Deref`.
 #[derive(Clone, Debug)]
-pub(crate) struct AppState {
+pub(crate) struct AppState(Arc<SharedState>);
+
+impl std::ops::Deref for AppState {
+    type Target = SharedState;
+
+    fn deref(&self) -> &SharedState {
+        &self.0
+    }
+}
+
+/// What [`AppState`] shares. Created once by `Server::new`.
+#[derive(Debug)]
+pub(crate) struct SharedState {
     /// The settings the server was started with.
     pub(crate) settings: Arc<Settings>,
     /// Engine configuration, shared by every WebSocket.
@@ -52,7 +65,7 @@ impl AppState {
         tracker: TaskTracker,
     ) -> Self {
         let metrics = Arc::new(Metrics::new());
-        Self {
+        Self(Arc::new(SharedState {
             counters: Arc::new(EchoCounters::new(&metrics)),
             metrics,
             echo: Arc::new(echo::EchoConfig::new(&settings)),
@@ -64,7 +77,7 @@ impl AppState {
             settings: Arc::new(settings),
             shutdown,
             tracker,
-        }
+        }))
     }
 }
 

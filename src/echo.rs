@@ -46,15 +46,20 @@ use crate::{
     config::Settings,
     frame_guard::{self, GuardHandle},
     handshake, hello,
-    limits::Full,
+    limits::{Admission, Full},
     metrics::{EchoCounters, HandshakeResult, Limit, Metrics, Side},
 };
 
 /// Longest text payload shown in a debug log line; longer ones are shortened.
 const LOGGED_TEXT_CHARS: usize = 64;
 
-/// Initial (and resting) size of each connection's read buffer, in bytes.
-const READ_BUFFER_CAPACITY: usize = 512;
+/// Initial (and resting) size of each connection's read buffer, in bytes. Every idle
+/// connection holds it, and the engine shrinks back to it after a larger frame, so it
+/// trades idle memory against reads per large message. Measured with
+/// `cargo bench --bench echo_load -- --quick W4 W2` (2026-11-25, after the task-size
+/// fixes in this file): 256 B gave 3.71 KiB per idle connection and W2 at 0.70x the
+/// baseline's CPU per message; 384 B gives 3.88 KiB and 0.65x; 512 B about 3.96 KiB.
+const READ_BUFFER_CAPACITY: usize = 384;
 
 /// Engine settings shared by every connection: built once from [`Settings`].
 #[derive(Debug)]
@@ -179,28 +184,18 @@ pub(crate) async fn upgrade(State(state): State<AppState>, mut request: Request)
     };
     metrics.handshake(HandshakeResult::Accepted);
     let on_upgrade = hyper::upgrade::on(&mut request);
+    let mut accepted = accepted;
     let response = accepted.response();
+    accepted.forget_accept_key();
     let id = state.echo.next_id.fetch_add(1, Ordering::Relaxed);
     let greeting = hello::requested(request.uri().query())
         .then(|| hello::message(&request, peer, &accepted, id, &state.settings.instance_name));
     let span = info_span!("ws", id, peer = %peer.map_or_else(|| "-".into(), |p| p.to_string()), http_version = ?request.version());
-    let task_state = state.clone();
-    state.tracker.spawn(
-        async move {
-            let upgraded = match on_upgrade.await {
-                Ok(upgraded) => upgraded,
-                Err(error) => {
-                    debug!(%error, "upgrade did not complete");
-                    return;
-                }
-            };
-            // `accepted` is lent, not moved: a value this block captured keeps its
-            // slot here, so moving it would store it twice for the connection's life.
-            serve(TokioIo::new(upgraded), &accepted, greeting, &task_state).await;
-            drop(admission);
-        }
-        .instrument(span),
-    );
+    // One async fn is the whole task: an `async` block around a call would keep a
+    // second slot for every value it moves in, per idle connection.
+    state
+        .tracker
+        .spawn(serve(on_upgrade, accepted, greeting, state.clone(), admission).instrument(span));
     response
 }
 
@@ -228,10 +223,22 @@ enum Ending {
 }
 
 /// Runs one WebSocket to its end and logs the result.
-async fn serve<S>(io: S, accepted: &handshake::Accepted, greeting: Option<String>, state: &AppState)
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
+async fn serve(
+    on_upgrade: hyper::upgrade::OnUpgrade,
+    accepted: handshake::Accepted,
+    greeting: Option<String>,
+    state: AppState,
+    admission: Admission,
+) {
+    let io = match on_upgrade.await {
+        Ok(upgraded) => TokioIo::new(upgraded),
+        Err(error) => {
+            debug!(%error, "upgrade did not complete");
+            return;
+        }
+    };
+    // Holding the admission keeps this connection's place under the caps.
+    let _admission = admission;
     let started = Instant::now();
     let compressed = accepted.extensions.is_some();
     let wire_counters = compressed.then(|| frame_guard::WireCounters {

@@ -58,6 +58,12 @@ impl Accepted {
             .body(Body::empty())
             .expect("invariant: every header value above was validated or built from tokens")
     }
+
+    /// Forgets the accept key once the response is built, so that a connection keeps
+    /// only what it agreed to for as long as it lives (a heap string less per socket).
+    pub(crate) fn forget_accept_key(&mut self) {
+        self.accept_key = None;
+    }
 }
 
 /// Why a request to `/ws` was refused, and the HTTP answer that says so.
