@@ -5,7 +5,9 @@
 mod abuse;
 mod conformance;
 mod echo;
+mod exchange;
 mod handshake;
 mod limits;
+mod properties;
 mod shutdown;
 mod support;
