@@ -735,12 +735,25 @@ impl<'a> EchoLoop<'a> {
             }
             ws.send(Frame::close(code, reason)).await?;
             // Messages that cross our Close are not echoed: §5.5.1 forbids sending data
-            // after a Close. Wait for the peer's Close or the end of the stream.
-            loop {
-                if ws.next_frame().await?.opcode() == OpCode::Close {
-                    return Ok::<_, WebSocketError>(());
+            // after a Close. Wait for the peer's Close or the end of the stream, unless
+            // the guard stops the stream first (now or while we wait): the peer's Close
+            // could then never be read, and the guard's reads wake themselves at once,
+            // so the wait would spin until the timeout.
+            let guard = &self.guard;
+            poll_fn(|cx| {
+                loop {
+                    return match ws.poll_next_frame(cx) {
+                        Poll::Ready(Ok(frame)) if frame.opcode() == OpCode::Close => {
+                            Poll::Ready(Ok::<_, WebSocketError>(()))
+                        }
+                        Poll::Ready(Ok(_)) => continue,
+                        Poll::Ready(Err(error)) => Poll::Ready(Err(error)),
+                        Poll::Pending if guard.occurred().is_some() => Poll::Ready(Ok(())),
+                        Poll::Pending => Poll::Pending,
+                    };
                 }
-            }
+            })
+            .await
         };
         match timeout(self.settings.close_timeout, handshake).await {
             Ok(Ok(())) | Ok(Err(WebSocketError::ConnectionClosed)) => {
