@@ -160,7 +160,7 @@ async fn client_that_never_reads_is_paused_then_dropped_at_the_stall_timeout() {
             ),
         }
     };
-    // Reading stopped after a bounded amount: the write-buffer limit (128 KiB), the
+    // Reading stopped after a bounded amount: the write-buffer limit (8 KiB), the
     // free read allowance (64 KiB), and the in-memory pipe (16 KiB each way).
     assert!(
         written < 16,
