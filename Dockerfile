@@ -7,12 +7,16 @@
 #   docker run --rm -p 3001:3001 ws-echo
 #
 # bookworm-slim rather than distroless: HEALTHCHECK needs a shell, and bash's /dev/tcp
-# is one without installing curl. The binary is pure Rust (zlib-rs, no OpenSSL), so the
-# image needs nothing but glibc, which matches the bookworm builder.
+# is one without installing curl. The binary needs nothing but glibc, which matches the
+# bookworm builder: it is Rust (zlib-rs, no OpenSSL) plus jemalloc, linked statically.
 
 ARG RUST_VERSION=1.95
 
 FROM rust:${RUST_VERSION}-slim-bookworm AS builder
+# jemalloc (the binary's allocator, built by tikv-jemalloc-sys) needs make.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends make=4.3-4.1 \
+    && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
 # BuildKit keeps the registry and target directories between builds. The target cache

@@ -9,6 +9,14 @@ use tokio::net::TcpListener;
 use tracing_subscriber::{EnvFilter, fmt, prelude::*};
 use ws_echo::{Config, LogFormat};
 
+/// jemalloc instead of glibc's malloc. Measured with `cargo bench --bench soak`: after
+/// rounds of 10,000 connections opened, used and closed, glibc kept the freed memory
+/// (RSS settled 34% above its baseline and stayed there), while jemalloc returns it to
+/// the system. As in ripgrep's `main.rs`, the allocator is the binary's choice, not the
+/// library's.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> anyhow::Result<ExitCode> {
     let config = Config::parse();
     init_tracing(&config.log_level, config.log_format)?;
