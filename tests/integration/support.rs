@@ -72,27 +72,8 @@ impl TestServer {
     /// Opens a raw TCP connection and completes the opening handshake with `extra`
     /// request headers. Returns the client and the response head.
     pub async fn raw(&self, extra: &str) -> (RawClient, String) {
-        let mut stream = TcpStream::connect(self.addr).await.expect("connect");
-        let request = format!(
-            "GET /ws HTTP/1.1\r\nHost: {}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{extra}\r\n",
-            self.addr
-        );
-        stream
-            .write_all(request.as_bytes())
-            .await
-            .expect("send request");
-        let mut client = RawClient {
-            stream,
-            buffer: BytesMut::new(),
-            patience: STEP,
-        };
-        let head = client.read_head().await;
-        assert!(
-            head.starts_with("HTTP/1.1 101"),
-            "expected 101, got: {head}"
-        );
-        (client, head)
+        let stream = TcpStream::connect(self.addr).await.expect("connect");
+        raw_handshake(stream, extra).await
     }
 
     /// Sends a raw HTTP request and returns the whole response (the server closes or
@@ -103,11 +84,7 @@ impl TestServer {
             .write_all(request.as_bytes())
             .await
             .expect("send request");
-        let mut client = RawClient {
-            stream,
-            buffer: BytesMut::new(),
-            patience: STEP,
-        };
+        let mut client = RawClient::new(stream);
         client.read_head().await
     }
 
@@ -227,11 +204,7 @@ pub async fn raw_handshake<S>(stream: S, extra: &str) -> (RawClient<S>, String)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    let mut client = RawClient {
-        stream,
-        buffer: BytesMut::new(),
-        patience: STEP,
-    };
+    let mut client = RawClient::new(stream);
     let request = format!(
         "GET /ws HTTP/1.1\r\nHost: test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{extra}\r\n"
