@@ -139,6 +139,7 @@ pub(crate) async fn upgrade(State(state): State<AppState>, mut request: Request)
             metrics.handshake(match rejection {
                 handshake::Rejection::MethodNotAllowed => HandshakeResult::MethodNotAllowed,
                 handshake::Rejection::NotAnUpgrade => HandshakeResult::NotAnUpgrade,
+                handshake::Rejection::OldHttpVersion => HandshakeResult::OldHttpVersion,
                 handshake::Rejection::UnsupportedVersion => HandshakeResult::UnsupportedVersion,
                 handshake::Rejection::BadKey => HandshakeResult::BadKey,
                 handshake::Rejection::BadSubprotocol => HandshakeResult::BadSubprotocol,
