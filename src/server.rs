@@ -180,7 +180,16 @@ impl Server {
         builder
             .http1()
             .timer(TokioTimer::new())
-            .header_read_timeout(handshake_timeout);
+            .header_read_timeout(handshake_timeout)
+            // A client may send its whole request and shut down its write side while it
+            // waits (`nc -N`, some proxies). Without this, hyper takes that EOF for a
+            // vanished client and closes without answering whenever it reads before the
+            // answer is ready: most such requests to the binary got nothing. The cost is
+            // that a client gone during a request is noticed only when the answer is
+            // written, and every answer here is immediate (an upgrade hands the socket
+            // on with its 101). Header deadlines, keep-alive and the drain are unchanged:
+            // an EOF between requests still closes the connection.
+            .half_close(true);
         builder
             .http2()
             .timer(TokioTimer::new())

@@ -7,6 +7,7 @@ mod browser_tls;
 mod conformance;
 mod echo;
 mod exchange;
+mod half_close;
 mod handshake;
 mod hello;
 mod http2;
