@@ -6,6 +6,7 @@ mod abuse;
 mod browser_tls;
 mod conformance;
 mod echo;
+mod environment;
 mod exchange;
 mod half_close;
 mod handshake;
