@@ -4,6 +4,8 @@
 
 mod abuse;
 mod browser_tls;
+#[path = "../common/chromium.rs"]
+mod chromium;
 mod conformance;
 mod echo;
 mod environment;
