@@ -226,14 +226,7 @@ async fn nothing_follows_the_close_reply() {
 #[tokio::test]
 async fn compressed_and_uncompressed_messages_mix_on_one_connection() {
     let server = TestServer::start().await;
-    let (mut client, head) = server
-        .raw("Sec-WebSocket-Extensions: permessage-deflate\r\n")
-        .await;
-    assert!(
-        head.to_ascii_lowercase()
-            .contains("sec-websocket-extensions: permessage-deflate"),
-        "{head}"
-    );
+    let mut client = server.raw_deflate().await;
     let big = "{\"id\":1,\"name\":\"ws_echo\",\"tags\":[\"a\",\"b\"]}".repeat(100);
     client
         .send_bytes(&encode_frame(
@@ -272,9 +265,7 @@ async fn compressed_and_uncompressed_messages_mix_on_one_connection() {
 #[tokio::test]
 async fn fragmented_compressed_message_is_inflated() {
     let server = TestServer::start().await;
-    let (mut client, _) = server
-        .raw("Sec-WebSocket-Extensions: permessage-deflate\r\n")
-        .await;
+    let mut client = server.raw_deflate().await;
     let text = "fragmented and compressed ".repeat(50);
     let compressed = deflate(text.as_bytes());
     let (a, b) = compressed.split_at(compressed.len() / 2);
@@ -291,9 +282,7 @@ async fn fragmented_compressed_message_is_inflated() {
 #[tokio::test]
 async fn rsv1_on_a_continuation_frame_closes_with_1002() {
     let server = TestServer::start().await;
-    let (mut client, _) = server
-        .raw("Sec-WebSocket-Extensions: permessage-deflate\r\n")
-        .await;
+    let mut client = server.raw_deflate().await;
     let compressed = deflate(b"hello hello hello");
     client
         .send_bytes(&encode_frame(false, true, TEXT, &compressed[..2], true))
@@ -334,14 +323,7 @@ async fn compressed_frame_without_negotiation_closes_with_1002() {
 async fn corrupt_compressed_data_closes_with_1007() {
     let server = TestServer::start().await;
     let mut bystander = server.connect().await;
-    let (mut client, head) = server
-        .raw("Sec-WebSocket-Extensions: permessage-deflate\r\n")
-        .await;
-    assert!(
-        head.to_ascii_lowercase()
-            .contains("sec-websocket-extensions: permessage-deflate"),
-        "{head}"
-    );
+    let mut client = server.raw_deflate().await;
     // A good message, then one whose data opens a deflate block of type 3, which RFC
     // 1951 §3.2.3 reserves as an error; in one write, so the echo is still queued when
     // the engine fails.

@@ -153,9 +153,7 @@ async fn refused_handshakes_and_limit_drops_are_counted() {
 #[tokio::test]
 async fn compression_ratio_counters_move_on_deflate_connections() {
     let server = TestServer::start().await;
-    let (mut client, _) = server
-        .raw("Sec-WebSocket-Extensions: permessage-deflate\r\n")
-        .await;
+    let mut client = server.raw_deflate().await;
     let text = "compressible ".repeat(1000);
     client
         .send_bytes(&crate::support::encode_frame(

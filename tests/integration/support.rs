@@ -76,6 +76,20 @@ impl TestServer {
         raw_handshake(stream, extra).await
     }
 
+    /// A raw client that offered permessage-deflate with no parameters, after checking
+    /// that the server agreed to it.
+    pub async fn raw_deflate(&self) -> RawClient {
+        let (client, head) = self
+            .raw("Sec-WebSocket-Extensions: permessage-deflate\r\n")
+            .await;
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("sec-websocket-extensions: permessage-deflate"),
+            "permessage-deflate was not agreed: {head}"
+        );
+        client
+    }
+
     /// Sends a raw HTTP request and returns the whole response (the server closes or
     /// the response ends within the step time).
     pub async fn http(&self, request: &str) -> String {
