@@ -6,7 +6,10 @@
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use clap::{Parser, ValueEnum};
+use clap::{
+    CommandFactory, FromArgMatches, Parser, ValueEnum,
+    builder::{BoolishValueParser, TypedValueParser},
+};
 
 use crate::{DEFAULT_ADDR, Error, origin::OriginPattern, tls::TlsSettings};
 
@@ -57,7 +60,8 @@ pub enum LogFormat {
 }
 
 /// The command line of `ws_echo`. Each flag can also be set with the environment
-/// variable named in its help.
+/// variable named in its help; a switch's variable takes `1`/`0`, `true`/`false`,
+/// `yes`/`no` or `on`/`off` (read with [`Config::from_args_and_env`]).
 #[derive(Debug, Clone, Parser)]
 #[command(name = "ws_echo", version, about, long_about = None)]
 pub struct Config {
@@ -155,7 +159,7 @@ pub struct Config {
     pub allowed_origins: Vec<String>,
 
     /// Turn permessage-deflate (RFC 7692) off: offers are declined.
-    #[arg(long, env = "WS_ECHO_NO_COMPRESSION")]
+    #[arg(long, env = "WS_ECHO_NO_COMPRESSION", value_parser = BoolishValueParser::new())]
     pub no_compression: bool,
 
     /// Deflate level (0–9) when compression is negotiated.
@@ -177,7 +181,12 @@ pub struct Config {
     pub subprotocols: Vec<String>,
 
     /// Never select a subprotocol.
-    #[arg(long, env = "WS_ECHO_NO_SUBPROTOCOL", conflicts_with = "subprotocols")]
+    #[arg(
+        long,
+        env = "WS_ECHO_NO_SUBPROTOCOL",
+        value_parser = BoolishValueParser::new(),
+        conflicts_with = "subprotocols"
+    )]
     pub no_subprotocol: bool,
 
     /// Serve `/metrics` on this address instead of the main one (for example to keep
@@ -199,6 +208,7 @@ pub struct Config {
     #[arg(
         long,
         env = "WS_ECHO_CURRENT_THREAD",
+        value_parser = BoolishValueParser::new(),
         conflicts_with = "worker_threads"
     )]
     pub current_thread: bool,
@@ -234,6 +244,7 @@ pub struct Config {
     #[arg(
         long,
         env = "WS_ECHO_TLS_SELF_SIGNED",
+        value_parser = BoolishValueParser::new(),
         conflicts_with_all = ["tls_cert", "tls_key"],
         help_heading = "TLS"
     )]
@@ -379,6 +390,37 @@ fn nonzero(duration: Duration) -> Option<Duration> {
 }
 
 impl Config {
+    /// Reads the command line and the `WS_ECHO_*` variables, printing clap's message and
+    /// exiting (status 2) when they are invalid: [`Parser::parse`], except that a switch
+    /// whose variable says off (`0`, `false`, `no`, `off`) counts as not given.
+    ///
+    /// clap alone counts any switch set from the environment as given, whatever its
+    /// value, so `WS_ECHO_NO_SUBPROTOCOL=0` would still conflict with `--subprotocol`,
+    /// and `WS_ECHO_TLS_SELF_SIGNED=false` would still satisfy `--tls-name`.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// let settings = ws_echo::Config::from_args_and_env().into_settings()?;
+    /// # Ok::<(), ws_echo::Error>(())
+    /// ```
+    pub fn from_args_and_env() -> Self {
+        // A built copy to ask: clap's value errors read fields that building fills in.
+        let mut built = Self::command();
+        built.build();
+        let off: Vec<clap::Id> = built
+            .get_arguments()
+            .filter(|arg| switched_off_by_environment(&built, arg))
+            .map(|arg| arg.get_id().clone())
+            .collect();
+        let mut command = Self::command();
+        for id in off {
+            command = command.mut_arg(id, |arg| arg.env(None));
+        }
+        let matches = command.get_matches();
+        Self::from_arg_matches(&matches).unwrap_or_else(|error| error.exit())
+    }
+
     /// Checks the raw configuration and produces the settings the server runs with.
     ///
     /// # Errors
@@ -496,6 +538,22 @@ impl Config {
     }
 }
 
+/// Whether `arg` is a switch (it takes no value on the command line) whose environment
+/// variable is set to one of the spellings of off.
+fn switched_off_by_environment(command: &clap::Command, arg: &clap::Arg) -> bool {
+    if !matches!(arg.get_action(), clap::ArgAction::SetTrue) {
+        return false;
+    }
+    arg.get_env()
+        .and_then(std::env::var_os)
+        .is_some_and(|value| {
+            matches!(
+                BoolishValueParser::new().parse_ref(command, Some(arg), &value),
+                Ok(false)
+            )
+        })
+}
+
 /// Whether `name` is an RFC 7230 token, the grammar of a subprotocol name.
 fn handshake_token(name: &str) -> bool {
     !name.is_empty() && name.bytes().all(crate::handshake::is_token_byte)
@@ -504,7 +562,6 @@ fn handshake_token(name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::CommandFactory;
 
     fn parse(args: &[&str]) -> Config {
         Config::try_parse_from(std::iter::once("ws_echo").chain(args.iter().copied()))
@@ -525,6 +582,90 @@ mod tests {
             readme.contains(help.trim_end()),
             "README.md's help block differs from `ws_echo -h`; paste this:\n{help}"
         );
+    }
+
+    /// Whether the switch `id` is on when its variable holds `value`.
+    ///
+    /// A test cannot set the process environment: `std::env::set_var` needs `unsafe`
+    /// in edition 2024, which the crate forbids, and would race the other tests. So the
+    /// value goes in as the switch's default, which clap passes through the same action
+    /// and value parser as a variable's value (`Parser::react`). The variables
+    /// themselves are tested against the binary (tests/integration/environment.rs).
+    fn switch_with_variable(id: &str, value: &'static str) -> Result<bool, clap::Error> {
+        Config::command()
+            .mut_arg(id, |arg| arg.default_value(value))
+            .try_get_matches_from(["ws_echo"])
+            .map(|matches| matches.get_flag(id))
+    }
+
+    /// Every switch that has a variable: all of them must read the same spellings.
+    fn switches() -> Vec<String> {
+        let switches: Vec<String> = Config::command()
+            .get_arguments()
+            .filter(|arg| matches!(arg.get_action(), clap::ArgAction::SetTrue))
+            .filter(|arg| arg.get_env().is_some())
+            .map(|arg| arg.get_id().to_string())
+            .collect();
+        assert!(switches.len() >= 4, "{switches:?}");
+        switches
+    }
+
+    #[test]
+    fn switch_variables_take_1_0_yes_false_and_more() {
+        for id in switches() {
+            for (value, on) in [
+                ("1", true),
+                ("0", false),
+                ("yes", true),
+                ("false", false),
+                ("true", true),
+                ("no", false),
+                ("ON", true),
+                ("off", false),
+            ] {
+                assert_eq!(
+                    switch_with_variable(&id, value).unwrap(),
+                    on,
+                    "{id} with {value:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn switch_variable_with_garbage_is_an_error() {
+        for id in switches() {
+            for value in ["garbage", "2", "enabled"] {
+                let error = switch_with_variable(&id, value).unwrap_err();
+                assert_eq!(
+                    error.kind(),
+                    clap::error::ErrorKind::ValueValidation,
+                    "{id} with {value:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn no_compression_variable_of_1_turns_compression_off() {
+        let matches = Config::command()
+            .mut_arg("no_compression", |arg| arg.default_value("1"))
+            .try_get_matches_from(["ws_echo"])
+            .unwrap();
+        let settings = Config {
+            port: None,
+            ..Config::from_arg_matches(&matches).unwrap()
+        }
+        .into_settings()
+        .unwrap();
+        assert!(!settings.compression.enabled);
+    }
+
+    #[test]
+    fn switches_on_the_command_line_take_no_value() {
+        assert!(parse(&["--no-compression"]).no_compression);
+        assert!(!parse(&[]).no_compression);
+        assert!(Config::try_parse_from(["ws_echo", "--no-compression", "0"]).is_err());
     }
 
     #[test]

@@ -139,6 +139,7 @@ pub(crate) async fn upgrade(State(state): State<AppState>, mut request: Request)
             metrics.handshake(match rejection {
                 handshake::Rejection::MethodNotAllowed => HandshakeResult::MethodNotAllowed,
                 handshake::Rejection::NotAnUpgrade => HandshakeResult::NotAnUpgrade,
+                handshake::Rejection::OldHttpVersion => HandshakeResult::OldHttpVersion,
                 handshake::Rejection::UnsupportedVersion => HandshakeResult::UnsupportedVersion,
                 handshake::Rejection::BadKey => HandshakeResult::BadKey,
                 handshake::Rejection::BadSubprotocol => HandshakeResult::BadSubprotocol,
@@ -650,6 +651,15 @@ impl<'a> EchoLoop<'a> {
     {
         let code = match &error {
             WebSocketError::ConnectionClosed => return Ending::Dropped("connection closed".into()),
+            // yawc reports a compressed payload that does not inflate as an I/O error of
+            // kind `InvalidInput` (yawc 0.5 `compression.rs`); the socket's own errors
+            // never have that kind. Were one ever taken for it, the Close written to a
+            // dead socket would just fail.
+            WebSocketError::IoError(io)
+                if self.compressed && io.kind() == std::io::ErrorKind::InvalidInput =>
+            {
+                return self.refuse_undecodable(ws, &error).await;
+            }
             WebSocketError::IoError(_) => return Ending::Dropped(error.to_string()),
             WebSocketError::FrameTooLarge => 1009,
             WebSocketError::InvalidUTF8 => 1007,
@@ -660,6 +670,36 @@ impl<'a> EchoLoop<'a> {
         debug!(%error, code, "closing on a protocol error");
         flush_engine_close(ws, self.settings.close_timeout).await;
         Ending::ProtocolError(code, error.to_string())
+    }
+
+    /// A compressed message whose payload is not a raw deflate stream: fails the
+    /// connection (RFC 6455 §7.1.7) with 1007, the code for data "not consistent with
+    /// the type of the message" (§7.4.1). 1011 would blame the server; the fault is in
+    /// what the client sent.
+    ///
+    /// The engine has already queued Close 1011 ("unexpected condition") for it, in a
+    /// queue that every read and every `poll_ready` writes out first. So our Close is
+    /// handed to the engine's write buffer without `poll_ready` (yawc's `start_send`
+    /// encodes into tokio-util's `Framed` buffer, which takes a frame at any fill
+    /// level) and flushed behind the echoes already queued. The engine's read side is
+    /// never polled again, so its 1011 is never written: one Close, as §5.5.1 allows.
+    /// `corrupt_compressed_data_closes_with_1007` fails if a yawc upgrade changes this.
+    async fn refuse_undecodable<S>(
+        &mut self,
+        ws: &mut Streaming<S>,
+        error: &WebSocketError,
+    ) -> Ending
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        let reason = "invalid permessage-deflate data";
+        debug!(%error, code = 1007, "closing: a compressed message does not inflate");
+        let _ = timeout(self.settings.close_timeout, async {
+            ws.start_send_unpin(Frame::close(CloseCode::Invalid, reason))?;
+            ws.flush().await
+        })
+        .await;
+        Ending::ProtocolError(1007, reason.to_owned())
     }
 
     /// Keepalive and idle deadlines; `Some` when the connection is over.

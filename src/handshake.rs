@@ -8,7 +8,7 @@
 
 use axum::{
     body::Body,
-    http::{HeaderMap, Method, Request, StatusCode, header},
+    http::{HeaderMap, Method, Request, StatusCode, Version, header},
     response::{IntoResponse, Response},
 };
 use base64::{Engine, engine::general_purpose::STANDARD as BASE64};
@@ -73,6 +73,9 @@ pub(crate) enum Rejection {
     MethodNotAllowed,
     /// A plain request, say from curl or a browser tab: 426 with a short explanation.
     NotAnUpgrade,
+    /// An upgrade sent as HTTP/1.0 (or 0.9): 400. RFC 6455 §4.1 requires HTTP/1.1 or
+    /// later, and hyper would otherwise answer `HTTP/1.0 101` and close.
+    OldHttpVersion,
     /// `Sec-WebSocket-Version` missing or not 13: 426 naming the supported version.
     UnsupportedVersion,
     /// `Sec-WebSocket-Key` missing, repeated, or not 16 bytes of base64: 400.
@@ -89,6 +92,7 @@ impl Rejection {
         match self {
             Self::MethodNotAllowed => "method not allowed",
             Self::NotAnUpgrade => "not a websocket upgrade",
+            Self::OldHttpVersion => "websocket upgrade over HTTP/1.0",
             Self::UnsupportedVersion => "unsupported websocket version",
             Self::BadKey => "missing or malformed Sec-WebSocket-Key",
             Self::BadSubprotocol => "malformed Sec-WebSocket-Protocol",
@@ -112,6 +116,17 @@ impl IntoResponse for Rejection {
                 [(header::UPGRADE, "websocket"), (header::CONNECTION, "upgrade")],
                 "This is a WebSocket endpoint: connect with a WebSocket client to ws://<this host>/ws.\n\
                  The echo page is at /.\n",
+            )
+                .into_response(),
+            // 400, not 505: HTTP/1.0 is served (the page, /healthz), only the upgrade
+            // is not, and 505 says the major version is refused. Not 426 either: its
+            // `Upgrade` header cannot be acted on over HTTP/1.0, which has no upgrades.
+            Self::OldHttpVersion => (
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "{reason}: a WebSocket handshake needs HTTP/1.1 or later (RFC 6455 §4.1); \
+                     send the request as HTTP/1.1\n"
+                ),
             )
                 .into_response(),
             Self::UnsupportedVersion => (
@@ -146,6 +161,9 @@ pub(crate) fn accept<B>(request: &Request<B>, settings: &Settings) -> Result<Acc
             || !header_has_token(headers, header::UPGRADE, "websocket")
         {
             return Err(Rejection::NotAnUpgrade);
+        }
+        if matches!(request.version(), Version::HTTP_09 | Version::HTTP_10) {
+            return Err(Rejection::OldHttpVersion);
         }
         Some(String::new())
     } else {
@@ -315,6 +333,14 @@ mod tests {
     fn plain_get_is_426_with_an_explanation() {
         let request = Request::get("/ws");
         assert_eq!(accept_with(request).unwrap_err(), Rejection::NotAnUpgrade);
+    }
+
+    #[test]
+    fn upgrade_over_http_1_0_is_400() {
+        let request = upgrade_request().version(Version::HTTP_10);
+        assert_eq!(accept_with(request).unwrap_err(), Rejection::OldHttpVersion);
+        let response = Rejection::OldHttpVersion.into_response();
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST);
     }
 
     #[test]

@@ -4,7 +4,6 @@
 use std::{io::IsTerminal, process::ExitCode};
 
 use anyhow::Context;
-use clap::Parser;
 use tokio::net::TcpListener;
 use tracing_subscriber::{EnvFilter, fmt, prelude::*};
 use ws_echo::{Config, LogFormat};
@@ -18,7 +17,7 @@ use ws_echo::{Config, LogFormat};
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn main() -> anyhow::Result<ExitCode> {
-    let config = Config::parse();
+    let config = Config::from_args_and_env();
     init_tracing(&config.log_level, config.log_format)?;
     let mut runtime = if config.current_thread {
         tokio::runtime::Builder::new_current_thread()

@@ -61,6 +61,8 @@ pub(crate) enum HandshakeResult {
     MethodNotAllowed,
     /// 426: not an upgrade request.
     NotAnUpgrade,
+    /// 400: an upgrade over HTTP/1.0.
+    OldHttpVersion,
     /// 426: wrong version.
     UnsupportedVersion,
     /// 400: bad key.
@@ -137,6 +139,7 @@ impl Label for HandshakeResult {
             Self::Accepted => "accepted",
             Self::MethodNotAllowed => "method_not_allowed",
             Self::NotAnUpgrade => "not_an_upgrade",
+            Self::OldHttpVersion => "old_http_version",
             Self::UnsupportedVersion => "unsupported_version",
             Self::BadKey => "bad_key",
             Self::BadSubprotocol => "bad_subprotocol",

@@ -8,7 +8,11 @@
 
 use std::{future::Future, io, net::SocketAddr, sync::Arc, time::Duration};
 
-use axum::extract::Request;
+use axum::{
+    extract::Request,
+    http::{HeaderValue, StatusCode},
+    response::IntoResponse,
+};
 use hyper::body::Incoming;
 use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
@@ -156,6 +160,9 @@ pub struct Server {
     tls: Option<tls::Acceptor>,
     /// The certificate's SHA-256 and whether it was generated, for the startup log.
     certificate: Option<(String, bool)>,
+    /// `X-Served-By` for the one answer that does not go through the router: plain HTTP
+    /// on the TLS port.
+    served_by: HeaderValue,
 }
 
 impl Server {
@@ -173,6 +180,8 @@ impl Server {
             .tls
             .as_ref()
             .map(|tls| (tls.fingerprint(), tls.is_self_signed()));
+        let served_by = HeaderValue::from_str(&settings.instance_name)
+            .expect("invariant: Config::into_settings checked the instance name");
         let state = AppState::new(settings, token.clone(), tracker.clone());
         let metrics = Arc::clone(&state.metrics);
         let router = app::router(state);
@@ -180,7 +189,16 @@ impl Server {
         builder
             .http1()
             .timer(TokioTimer::new())
-            .header_read_timeout(handshake_timeout);
+            .header_read_timeout(handshake_timeout)
+            // A client may send its whole request and shut down its write side while it
+            // waits (`nc -N`, some proxies). Without this, hyper takes that EOF for a
+            // vanished client and closes without answering whenever it reads before the
+            // answer is ready: most such requests to the binary got nothing. The cost is
+            // that a client gone during a request is noticed only when the answer is
+            // written, and every answer here is immediate (an upgrade hands the socket
+            // on with its 101). Header deadlines, keep-alive and the drain are unchanged:
+            // an EOF between requests still closes the connection.
+            .half_close(true);
         builder
             .http2()
             .timer(TokioTimer::new())
@@ -198,6 +216,7 @@ impl Server {
             metrics,
             tls,
             certificate,
+            served_by,
         }
     }
 
@@ -224,7 +243,19 @@ impl Server {
                 () = server.token.cancelled() => return,
             };
             match handshake {
-                Ok(stream) => {
+                Ok(tls::Accepted::NotTls { stream, deadline }) => {
+                    debug!(%peer, "plain HTTP on the TLS port; answering 400");
+                    let answer = answer_plain_http(stream, server.served_by.clone());
+                    tokio::select! {
+                        answered = tokio::time::timeout_at(deadline, answer) => {
+                            if let Ok(Err(error)) = answered {
+                                debug!(%peer, %error, "plain HTTP on the TLS port ended with an error");
+                            }
+                        }
+                        () = server.token.cancelled() => {}
+                    }
+                }
+                Ok(tls::Accepted::Tls(stream)) => {
                     let (_, session) = stream.get_ref();
                     let info = TlsInfo {
                         protocol: session
@@ -335,6 +366,27 @@ impl Server {
     pub async fn drain(&self) -> usize {
         shutdown::drain(&self.token, &self.tracker, self.deadline).await
     }
+}
+
+/// Answers plain HTTP that arrived on the TLS port: whatever the request, 400 with a
+/// pointer to https:// and wss://, then the connection closes. hyper reads the request
+/// first: closing with it unread would reset the connection, and the client might lose
+/// the answer.
+async fn answer_plain_http(stream: TcpStream, served_by: HeaderValue) -> hyper::Result<()> {
+    let service = hyper::service::service_fn(move |_request: Request<Incoming>| {
+        let response = (
+            StatusCode::BAD_REQUEST,
+            [(app::SERVED_BY, served_by.clone())],
+            "This port speaks TLS only: use https:// for the page and wss:// for WebSockets, \
+             on the same host and port.\n",
+        )
+            .into_response();
+        std::future::ready(Ok::<_, std::convert::Infallible>(response))
+    });
+    hyper::server::conn::http1::Builder::new()
+        .keep_alive(false)
+        .serve_connection(TokioIo::new(stream), service)
+        .await
 }
 
 /// Logs an accept error. None of them stops the server: they concern one connection

@@ -7,6 +7,11 @@
 //! holds up only itself, never the accept loop. That is why [`Acceptor`] is not an
 //! `axum::serve::Listener`: a listener's `accept` runs in the loop, so one slow
 //! ClientHello there would delay every connection behind it.
+//!
+//! A client that speaks plain HTTP to the TLS port (`curl http://…`, `ws://…`) is told
+//! so: the first byte is peeked, and anything but a TLS handshake record is handed back
+//! to the server, which answers 400 with a pointer to https:// and wss://, as nginx's
+//! 497 does, instead of a TLS failure the client reports as an empty reply.
 
 use std::{fmt, io, path::Path, sync::Arc, time::Duration};
 
@@ -15,7 +20,7 @@ use rustls::{
     ServerConfig,
     pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject},
 };
-use tokio::net::TcpStream;
+use tokio::{net::TcpStream, time::Instant};
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
 
 use crate::Error;
@@ -26,6 +31,10 @@ const SELF_SIGNED_NAMES: [&str; 3] = ["localhost", "127.0.0.1", "::1"];
 
 /// Offered over ALPN, most preferred first. HTTP/2 carries WebSockets too (RFC 8441).
 const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
+
+/// The content type of a TLS handshake record (RFC 8446 §5.1), the first byte every TLS
+/// client sends. A plain HTTP request starts with a method's letter.
+const HANDSHAKE_RECORD: u8 = 0x16;
 
 /// A ready TLS configuration: the certificate chain and key, checked against each other.
 ///
@@ -239,15 +248,43 @@ impl fmt::Debug for Acceptor {
     }
 }
 
+/// What a connection on the TLS port turned out to be.
+#[derive(Debug)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "the TLS stream is the common case and moves straight into the connection's \
+              task, which holds one either way; a Box would add an allocation per connection"
+)]
+pub(crate) enum Accepted {
+    /// A finished TLS handshake.
+    Tls(TlsStream<TcpStream>),
+    /// Not TLS: the first byte, still unread, is not a handshake record. The server
+    /// answers it before `deadline`, the end of the handshake timeout.
+    NotTls {
+        stream: TcpStream,
+        deadline: Instant,
+    },
+}
+
 impl Acceptor {
-    /// Runs the TLS handshake on `stream`.
+    /// Runs the TLS handshake on `stream`, unless its first byte shows it is not TLS.
     ///
     /// # Errors
     ///
     /// The handshake's own error (a client that does not trust the certificate aborts
     /// here), or [`io::ErrorKind::TimedOut`] past the deadline.
-    pub(crate) async fn accept(&self, stream: TcpStream) -> io::Result<TlsStream<TcpStream>> {
-        match tokio::time::timeout(self.timeout, self.inner.accept(stream)).await {
+    pub(crate) async fn accept(&self, stream: TcpStream) -> io::Result<Accepted> {
+        let deadline = Instant::now() + self.timeout;
+        let handshake = async {
+            let mut first = [0u8; 1];
+            // Peeked, not read: a TLS client's ClientHello stays whole for rustls. At the
+            // end of the stream (0 bytes) rustls reports the failure as usual.
+            if stream.peek(&mut first).await? == 1 && first[0] != HANDSHAKE_RECORD {
+                return Ok(Accepted::NotTls { stream, deadline });
+            }
+            self.inner.accept(stream).await.map(Accepted::Tls)
+        };
+        match tokio::time::timeout_at(deadline, handshake).await {
             Ok(result) => result,
             Err(_) => Err(io::Error::new(
                 io::ErrorKind::TimedOut,

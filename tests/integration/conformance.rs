@@ -1,7 +1,12 @@
 //! RFC 6455 / RFC 7692 corner cases at the frame level, one or more per Autobahn group,
 //! so that a regression shows up in `cargo test` without Python.
 
-use crate::support::{TestServer, deflate, encode_frame, inflate};
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::{
+    metrics::{scrape_when_closed, value},
+    support::{TestServer, assert_echoes, deflate, encode_frame, expect_close, inflate},
+};
 
 const TEXT: u8 = 0x1;
 const BINARY: u8 = 0x2;
@@ -221,14 +226,7 @@ async fn nothing_follows_the_close_reply() {
 #[tokio::test]
 async fn compressed_and_uncompressed_messages_mix_on_one_connection() {
     let server = TestServer::start().await;
-    let (mut client, head) = server
-        .raw("Sec-WebSocket-Extensions: permessage-deflate\r\n")
-        .await;
-    assert!(
-        head.to_ascii_lowercase()
-            .contains("sec-websocket-extensions: permessage-deflate"),
-        "{head}"
-    );
+    let mut client = server.raw_deflate().await;
     let big = "{\"id\":1,\"name\":\"ws_echo\",\"tags\":[\"a\",\"b\"]}".repeat(100);
     client
         .send_bytes(&encode_frame(
@@ -267,9 +265,7 @@ async fn compressed_and_uncompressed_messages_mix_on_one_connection() {
 #[tokio::test]
 async fn fragmented_compressed_message_is_inflated() {
     let server = TestServer::start().await;
-    let (mut client, _) = server
-        .raw("Sec-WebSocket-Extensions: permessage-deflate\r\n")
-        .await;
+    let mut client = server.raw_deflate().await;
     let text = "fragmented and compressed ".repeat(50);
     let compressed = deflate(text.as_bytes());
     let (a, b) = compressed.split_at(compressed.len() / 2);
@@ -286,9 +282,7 @@ async fn fragmented_compressed_message_is_inflated() {
 #[tokio::test]
 async fn rsv1_on_a_continuation_frame_closes_with_1002() {
     let server = TestServer::start().await;
-    let (mut client, _) = server
-        .raw("Sec-WebSocket-Extensions: permessage-deflate\r\n")
-        .await;
+    let mut client = server.raw_deflate().await;
     let compressed = deflate(b"hello hello hello");
     client
         .send_bytes(&encode_frame(false, true, TEXT, &compressed[..2], true))
@@ -318,4 +312,61 @@ async fn compressed_frame_without_negotiation_closes_with_1002() {
         .send_bytes(&encode_frame(true, true, TEXT, &deflate(b"hello"), true))
         .await;
     assert_eq!(client.expect_close().await.close_code(), 1002);
+}
+
+/// A compressed frame whose payload is not raw deflate data fails that connection with
+/// one Close 1007 and a reason, then TCP closes; other connections echo on, and the
+/// close is counted as the server's 1007, not as a dropped connection. (The engine
+/// itself queues 1011 for this and, before the fix, the loop dropped the connection
+/// without sending any Close.)
+#[tokio::test]
+async fn corrupt_compressed_data_closes_with_1007() {
+    let server = TestServer::start().await;
+    let mut bystander = server.connect().await;
+    let mut client = server.raw_deflate().await;
+    // A good message, then one whose data opens a deflate block of type 3, which RFC
+    // 1951 §3.2.3 reserves as an error; in one write, so the echo is still queued when
+    // the engine fails.
+    let mut bytes = encode_frame(true, true, TEXT, &deflate(b"before"), true);
+    bytes.extend(encode_frame(true, true, TEXT, &[0xFF; 16], true));
+    client.send_bytes(&bytes).await;
+    let echo = client
+        .read_frame()
+        .await
+        .expect("the echo before the Close");
+    assert_eq!(
+        (echo.opcode, echo.payload.as_slice()),
+        (TEXT, &b"before"[..])
+    );
+    let close = client.expect_close().await;
+    assert_eq!(close.close_code(), 1007, "{close:?}");
+    let reason = String::from_utf8(close.payload[2..].to_vec()).expect("UTF-8 reason");
+    assert!(reason.contains("deflate"), "reason: {reason:?}");
+    assert_eq!(
+        client.read_frame().await,
+        None,
+        "TCP closes after the one Close"
+    );
+
+    assert_echoes(&mut bystander, Message::text("still echoing")).await;
+    bystander.close(None).await.expect("close");
+    assert_eq!(expect_close(&mut bystander).await.0, 1005);
+
+    let scrape = scrape_when_closed(server.addr).await;
+    let closes = |side, code| {
+        value(
+            &scrape,
+            "ws_echo_closes_total",
+            &[("side", side), ("code", code)],
+        )
+    };
+    assert_eq!(closes("server", "1007"), 1.0);
+    assert_eq!(closes("client", "1005"), 1.0);
+    assert!(
+        !scrape
+            .samples
+            .iter()
+            .any(|s| s.metric == "ws_echo_closes_total" && s.labels.get("code") == Some("1006")),
+        "the failed connection is not counted as dropped"
+    );
 }

@@ -1,7 +1,7 @@
 //! The opening handshake over real HTTP: precise refusals, subprotocols, extension
 //! negotiation, and the instance header.
 
-use crate::support::{TestServer, encode_frame};
+use crate::support::{STEP, TestServer, encode_frame};
 
 fn request(extra: &str) -> String {
     format!("GET /ws HTTP/1.1\r\nHost: test\r\n{extra}\r\n")
@@ -55,6 +55,53 @@ async fn missing_or_malformed_key_gets_400() {
         )))
         .await;
     assert!(head.starts_with("HTTP/1.1 400"), "{head}");
+}
+
+/// Reads one whole HTTP/1.0 exchange: the request, then everything until the server
+/// closes (HTTP/1.0 has no keep-alive unless asked for).
+async fn http_1_0(server: &TestServer, request: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    tokio::time::timeout(STEP, stream.read_to_string(&mut response))
+        .await
+        .expect("the server answers and closes in time")
+        .expect("read");
+    response
+}
+
+/// RFC 6455 §4.1: the handshake is HTTP/1.1 or later. hyper alone answered an HTTP/1.0
+/// upgrade with `HTTP/1.0 101` and closed; now it is a 400 saying why, and plain
+/// HTTP/1.0 requests are still served.
+#[tokio::test]
+async fn upgrade_over_http_1_0_gets_400_with_the_reason() {
+    let server = TestServer::start().await;
+    let response = http_1_0(
+        &server,
+        &format!(
+            "GET /ws HTTP/1.0\r\nHost: test\r\n{UPGRADE}{KEY}Sec-WebSocket-Version: 13\r\n\r\n"
+        ),
+    )
+    .await;
+    let (head, body) = response.split_once("\r\n\r\n").expect("a head and a body");
+    assert!(
+        head.starts_with("HTTP/1.0 400") || head.starts_with("HTTP/1.1 400"),
+        "{response}"
+    );
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: text/plain"),
+        "{head}"
+    );
+    assert!(!head.to_ascii_lowercase().contains("upgrade:"), "{head}");
+    assert!(body.contains("HTTP/1.1 or later"), "{body}");
+
+    let health = http_1_0(&server, "GET /healthz HTTP/1.0\r\nHost: test\r\n\r\n").await;
+    assert!(
+        health.starts_with("HTTP/1.0 200") || health.starts_with("HTTP/1.1 200"),
+        "{health}"
+    );
 }
 
 #[tokio::test]

@@ -54,9 +54,7 @@ async fn frame_announcing_two_to_the_sixty_third_bytes_gets_1009_at_once() {
 #[tokio::test]
 async fn compressed_message_inflating_past_the_limit_closes_with_1009() {
     let server = TestServer::with(small_limits()).await;
-    let (mut client, _) = server
-        .raw("Sec-WebSocket-Extensions: permessage-deflate\r\n")
-        .await;
+    let mut client = server.raw_deflate().await;
     let bomb = crate::support::deflate(&[0u8; 100_000]);
     assert!(bomb.len() < 1024);
     client

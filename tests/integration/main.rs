@@ -4,9 +4,13 @@
 
 mod abuse;
 mod browser_tls;
+#[path = "../common/chromium.rs"]
+mod chromium;
 mod conformance;
 mod echo;
+mod environment;
 mod exchange;
+mod half_close;
 mod handshake;
 mod hello;
 mod http2;

@@ -8,7 +8,7 @@ use tokio_tungstenite::tungstenite::Message;
 use crate::support::{TestServer, assert_echoes, expect_close};
 
 /// Fetches `/metrics` from `addr` and parses it.
-async fn scrape(addr: std::net::SocketAddr) -> Scrape {
+pub(crate) async fn scrape(addr: std::net::SocketAddr) -> Scrape {
     let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
     stream
         .write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
@@ -31,7 +31,7 @@ async fn scrape(addr: std::net::SocketAddr) -> Scrape {
 
 /// Scrapes until no WebSocket is open any more (closes are counted when a connection's
 /// task ends), and returns that scrape.
-async fn scrape_when_closed(addr: std::net::SocketAddr) -> Scrape {
+pub(crate) async fn scrape_when_closed(addr: std::net::SocketAddr) -> Scrape {
     let deadline = tokio::time::Instant::now() + crate::support::STEP;
     loop {
         let scrape = scrape(addr).await;
@@ -47,7 +47,7 @@ async fn scrape_when_closed(addr: std::net::SocketAddr) -> Scrape {
 }
 
 /// The value of the sample `name` whose labels include every pair in `labels`.
-fn value(scrape: &Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+pub(crate) fn value(scrape: &Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
     let sample = scrape
         .samples
         .iter()
@@ -153,9 +153,7 @@ async fn refused_handshakes_and_limit_drops_are_counted() {
 #[tokio::test]
 async fn compression_ratio_counters_move_on_deflate_connections() {
     let server = TestServer::start().await;
-    let (mut client, _) = server
-        .raw("Sec-WebSocket-Extensions: permessage-deflate\r\n")
-        .await;
+    let mut client = server.raw_deflate().await;
     let text = "compressible ".repeat(1000);
     client
         .send_bytes(&crate::support::encode_frame(

@@ -76,6 +76,20 @@ impl TestServer {
         raw_handshake(stream, extra).await
     }
 
+    /// A raw client that offered permessage-deflate with no parameters, after checking
+    /// that the server agreed to it.
+    pub async fn raw_deflate(&self) -> RawClient {
+        let (client, head) = self
+            .raw("Sec-WebSocket-Extensions: permessage-deflate\r\n")
+            .await;
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("sec-websocket-extensions: permessage-deflate"),
+            "permessage-deflate was not agreed: {head}"
+        );
+        client
+    }
+
     /// Sends a raw HTTP request and returns the whole response (the server closes or
     /// the response ends within the step time).
     pub async fn http(&self, request: &str) -> String {
@@ -405,12 +419,13 @@ pub struct ServerProcess {
 impl ServerProcess {
     /// Starts `ws_echo` with `args` and reads its port from the first log line.
     pub fn start(args: &[&str]) -> Self {
+        Self::start_with_env(args, &[])
+    }
+
+    /// Starts `ws_echo` with `args` and the variables `env` set.
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Self {
         use std::io::BufRead;
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ws_echo"))
-            .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
-            .args(args)
-            .env_remove("RUST_LOG")
-            .env_remove("PORT")
+        let mut child = Self::command(args, env)
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::inherit())
             .spawn()
@@ -437,6 +452,19 @@ impl ServerProcess {
             None => std::io::copy(&mut reader, &mut std::io::sink()),
         });
         Self { child, port }
+    }
+
+    /// The binary on 127.0.0.1:0 with `args`, JSON logs, `env` set, and nothing from the
+    /// test's environment that would change how it starts.
+    pub fn command(args: &[&str], env: &[(&str, &str)]) -> std::process::Command {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_ws_echo"));
+        command
+            .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
+            .args(args)
+            .env_remove("RUST_LOG")
+            .env_remove("PORT")
+            .envs(env.iter().copied());
+        command
     }
 
     /// `ws://127.0.0.1:PORT/ws`.

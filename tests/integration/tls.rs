@@ -9,7 +9,10 @@ use std::{
     time::Duration,
 };
 
-use tokio::{io::AsyncReadExt, net::TcpStream};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
 use tokio_rustls::TlsConnector;
 use tokio_tungstenite::{
     Connector, connect_async_tls_with_config,
@@ -105,6 +108,53 @@ async fn plain_http_on_the_tls_port_is_refused_and_others_are_served() {
     let url = format!("wss://127.0.0.1:{}/ws", server.addr.port());
     let mut client = connect_wss(&url, tls.certificate_der()).await.expect("wss");
     assert_echoes(&mut client, Message::text("after a plain client")).await;
+}
+
+/// Like nginx's 497: a plain HTTP request on the TLS port gets a 400 that says to use
+/// https:// or wss://, and the connection closes; TLS clients are served as before.
+#[tokio::test]
+async fn plain_http_on_the_tls_port_gets_400_naming_https_and_wss() {
+    let (server, tls) = tls_server(Settings {
+        instance_name: "replica-3".into(),
+        ..Settings::default()
+    })
+    .await;
+    // (request, the status line's version: hyper answers HTTP/1.0 in kind)
+    for (request, version) in [
+        ("GET / HTTP/1.1\r\nHost: x\r\n\r\n", "HTTP/1.1"),
+        (
+            "GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+            "HTTP/1.1",
+        ),
+        (
+            "POST /ws HTTP/1.0\r\nContent-Length: 5\r\n\r\nhello",
+            "HTTP/1.0",
+        ),
+    ] {
+        let mut stream = TcpStream::connect(server.addr).await.expect("connect");
+        stream.write_all(request.as_bytes()).await.expect("write");
+        let mut response = String::new();
+        tokio::time::timeout(STEP, stream.read_to_string(&mut response))
+            .await
+            .expect("answered and closed in time")
+            .expect("read to the end, not reset");
+        let (head, body) = response.split_once("\r\n\r\n").expect("a head and a body");
+        assert!(
+            head.starts_with(&format!("{version} 400 Bad Request")),
+            "{response}"
+        );
+        let head = head.to_ascii_lowercase();
+        assert!(head.contains("content-type: text/plain"), "{head}");
+        assert!(head.contains("x-served-by: replica-3"), "{head}");
+        assert!(
+            body.contains("speaks TLS") && body.contains("https://") && body.contains("wss://"),
+            "{body}"
+        );
+    }
+    let url = format!("wss://127.0.0.1:{}/ws", server.addr.port());
+    let mut client = connect_wss(&url, tls.certificate_der()).await.expect("wss");
+    assert_echoes(&mut client, Message::text("TLS still works")).await;
 }
 
 /// The TLS handshake runs in the connection's task under the handshake timeout: a
