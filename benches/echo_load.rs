@@ -18,6 +18,8 @@
 mod baseline;
 #[path = "echo_load/callgrind.rs"]
 mod callgrind;
+#[path = "echo_load/ceiling.rs"]
+mod ceiling;
 #[path = "echo_load/load.rs"]
 mod load;
 #[path = "echo_load/procfs.rs"]
@@ -67,6 +69,9 @@ tutorial baseline, and prints both servers' figures with the ratio ws_echo/basel
 options:
   --quick              one short round per server, W4 at 10,000 only (CI; under a minute)
   --callgrind          instructions per echo under valgrind instead (W1 W1p by default)
+  --against SERVER     baseline (default): the tutorial's handler; ceiling: a minimal
+                       echo that checks nothing, to show how close ws_echo is to the
+                       floor the kernel sets (no targets are printed then)
   --client LIB         yawc (default) or tungstenite: the generator's client library
   --ws-echo-arg ARG    pass ARG to ws_echo (repeatable), e.g. --ws-echo-arg=--no-compression
 
@@ -78,6 +83,8 @@ environment:
 pub(crate) struct Args {
     pub(crate) quick: bool,
     pub(crate) callgrind: bool,
+    /// The server ws_echo is compared with.
+    pub(crate) against: Kind,
     pub(crate) client: ClientLib,
     pub(crate) ws_echo_args: Vec<String>,
     pub(crate) names: Vec<String>,
@@ -88,6 +95,7 @@ impl Args {
         let mut args = Self {
             quick: false,
             callgrind: false,
+            against: Kind::Baseline,
             client: ClientLib::Yawc,
             ws_echo_args: Vec::new(),
             names: Vec::new(),
@@ -109,6 +117,13 @@ impl Args {
                 "--bench" => {}
                 "--quick" => args.quick = true,
                 "--callgrind" => args.callgrind = true,
+                "--against" => {
+                    args.against = match value()?.as_str() {
+                        "baseline" => Kind::Baseline,
+                        "ceiling" => Kind::Ceiling,
+                        other => return Err(format!("unknown server {other:?}")),
+                    }
+                }
                 "--client" => {
                     args.client = match value()?.as_str() {
                         "yawc" => ClientLib::Yawc,
@@ -225,8 +240,10 @@ const QUICK: Timing = Timing {
 
 fn main() -> ExitCode {
     let raw: Vec<String> = std::env::args().skip(1).collect();
-    if raw.first().map(String::as_str) == Some(baseline::ARG) {
-        return baseline::main();
+    match raw.first().map(String::as_str) {
+        Some(baseline::ARG) => return baseline::main(),
+        Some(ceiling::ARG) => return ceiling::main(),
+        _ => {}
     }
     let args = match Args::parse(&raw) {
         Ok(args) => args,
@@ -309,8 +326,12 @@ fn print_header(args: &Args, pinned: bool, nofile: u64) {
         .unwrap_or_else(|| "unknown CPU".into());
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     println!(
-        "echo_load{}: ws_echo vs the axum 0.8 tutorial echo (baseline)",
-        if args.quick { " --quick" } else { "" }
+        "echo_load{}: ws_echo vs {}",
+        if args.quick { " --quick" } else { "" },
+        match args.against {
+            Kind::Ceiling => "a minimal echo that checks nothing (ceiling)",
+            _ => "the axum 0.8 tutorial echo (baseline)",
+        }
     );
     println!(
         "servers: `prlimit --nofile={nofile}:{nofile} taskset -c {}`, default multi-thread tokio runtime",
@@ -344,19 +365,21 @@ async fn run(args: &Args, nofile: u64, workloads: &[&Workload]) -> Result<(), Er
                     workload.name, workload.about, timing.rounds, timing.measure
                 );
                 let figures = run_echo(spec, timing, args, nofile).await?;
-                report::print_echo(&figures, ticks);
+                report::print_echo(&figures, args.against, ticks);
                 results.insert(workload.name, Outcome::Echo(Box::new(figures)));
             }
             Shape::Idle { full, quick } => {
                 println!("\n{}  {}", workload.name, workload.about);
                 let counts = if args.quick { quick } else { full };
                 let points = run_idle(counts, args, nofile).await?;
-                report::print_idle(&points);
+                report::print_idle(&points, args.against);
                 results.insert(workload.name, Outcome::Idle(points));
             }
         }
     }
-    report::print_targets(&results, ticks);
+    if args.against == Kind::Baseline {
+        report::print_targets(&results, ticks);
+    }
     println!("\ntotal {:.1} s", started.elapsed().as_secs_f64());
     Ok(())
 }
@@ -370,7 +393,7 @@ async fn run_echo(
 ) -> Result<[EchoFigures; 2], Error> {
     let servers = [
         Server::start(Kind::WsEcho, nofile, &args.ws_echo_args, None)?,
-        Server::start(Kind::Baseline, nofile, &args.ws_echo_args, None)?,
+        Server::start(args.against, nofile, &args.ws_echo_args, None)?,
     ];
     tokio::time::sleep(SETTLE).await;
     let mut figures = [
@@ -478,7 +501,7 @@ async fn run_idle(
         compression: false,
     };
     let mut points: [Vec<IdlePoint>; 2] = Default::default();
-    for (i, kind) in Kind::BOTH.into_iter().enumerate() {
+    for (i, kind) in [Kind::WsEcho, args.against].into_iter().enumerate() {
         let server = Server::start(kind, nofile, &args.ws_echo_args, None)?;
         tokio::time::sleep(SETTLE).await;
         let rss_before_kib = server.rss_kib()?;

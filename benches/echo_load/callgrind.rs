@@ -38,7 +38,7 @@ pub(crate) async fn run(args: &Args, nofile: u64, workloads: &[&Workload]) -> Re
         };
         let messages = if args.quick { 2_000 } else { 20_000 };
         let mut per_echo = [0.0; 2];
-        for (i, kind) in Kind::BOTH.into_iter().enumerate() {
+        for (i, kind) in [Kind::WsEcho, args.against].into_iter().enumerate() {
             let file =
                 |count: u64| dir.join(format!("{}.{}.{count}.out", kind.name(), workload.name));
             let with = profile(kind, &spec, messages, &file(messages), args, nofile).await?;
@@ -62,7 +62,10 @@ pub(crate) async fn run(args: &Args, nofile: u64, workloads: &[&Workload]) -> Re
             profiles.push(file(messages));
         }
     }
-    println!("\nratio = ws_echo/baseline. Top functions of a profile:");
+    println!(
+        "\nratio = ws_echo/{}. Top functions of a profile:",
+        args.against.name()
+    );
     for profile in profiles {
         println!("  callgrind_annotate {} | head -40", profile.display());
     }

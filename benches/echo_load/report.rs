@@ -4,7 +4,7 @@
 
 use std::{collections::BTreeMap, time::Duration};
 
-use crate::{load::Tally, procfs::CpuTicks};
+use crate::{load::Tally, procfs::CpuTicks, servers::Kind};
 
 /// One server's figures for one echo workload, summed over its rounds.
 #[derive(Debug, Clone)]
@@ -108,25 +108,29 @@ pub(crate) type Results = BTreeMap<&'static str, Outcome>;
 struct Row {
     label: String,
     ws_echo: f64,
-    baseline: f64,
+    /// The same figure for the server ws_echo is compared with.
+    other: f64,
 }
 
-fn print_rows(rows: &[Row]) {
+fn print_rows(rows: &[Row], other: Kind) {
     println!(
         "  {:<26} {:>12} {:>12} {:>10}",
-        "", "ws_echo", "baseline", "ratio"
+        "",
+        "ws_echo",
+        other.name(),
+        "ratio"
     );
     for row in rows {
-        let ratio = if row.baseline == 0.0 {
+        let ratio = if row.other == 0.0 {
             "-".to_owned()
         } else {
-            format!("{:.2}", row.ws_echo / row.baseline)
+            format!("{:.2}", row.ws_echo / row.other)
         };
         println!(
             "  {:<26} {:>12} {:>12} {:>10}",
             row.label,
             number(row.ws_echo),
-            number(row.baseline),
+            number(row.other),
             ratio
         );
     }
@@ -146,53 +150,56 @@ fn number(value: f64) -> String {
 }
 
 /// Prints one echo workload's table.
-pub(crate) fn print_echo(figures: &[EchoFigures; 2], ticks_per_second: u64) {
+pub(crate) fn print_echo(figures: &[EchoFigures; 2], other: Kind, ticks_per_second: u64) {
     let [ws, base] = figures;
     let row = |label: &str, f: &dyn Fn(&EchoFigures) -> f64| Row {
         label: label.to_owned(),
         ws_echo: f(ws),
-        baseline: f(base),
+        other: f(base),
     };
     let tck = ticks_per_second;
-    print_rows(&[
-        row("messages/s", &EchoFigures::messages_per_second),
-        row(
-            "MB/s (payload, one way)",
-            &EchoFigures::megabytes_per_second,
-        ),
-        row("latency p50 µs", &|f| f.latency_us(0.5)),
-        row("latency p99 µs", &|f| f.latency_us(0.99)),
-        row("latency p99.9 µs", &|f| f.latency_us(0.999)),
-        row("server CPU µs/message", &|f| {
-            f.server_cpu_us_per_message(tck)
-        }),
-        row("  of which kernel (sys)", &|f| {
-            f.us_per_message(f.server_ticks.system, tck)
-        }),
-        row("server CPU %", &|f| f.percent(f.server_ticks.total(), tck)),
-        row("server RSS MiB", &EchoFigures::rss_mib),
-        row(
-            "server RSS KiB/connection",
-            &EchoFigures::rss_kib_per_connection,
-        ),
-        row("generator CPU µs/message", &|f| {
-            f.us_per_message(f.generator_ticks.total(), tck)
-        }),
-        row("generator CPU %", &|f| {
-            f.percent(f.generator_ticks.total(), tck)
-        }),
-        row("others' load CPU 0 %", &|f| {
-            f.percent(f.others_ticks[0], tck)
-        }),
-        row("others' load CPU 1 %", &|f| {
-            f.percent(f.others_ticks[1], tck)
-        }),
-        row("messages measured", &|f| f.tally.messages as f64),
-    ]);
+    print_rows(
+        &[
+            row("messages/s", &EchoFigures::messages_per_second),
+            row(
+                "MB/s (payload, one way)",
+                &EchoFigures::megabytes_per_second,
+            ),
+            row("latency p50 µs", &|f| f.latency_us(0.5)),
+            row("latency p99 µs", &|f| f.latency_us(0.99)),
+            row("latency p99.9 µs", &|f| f.latency_us(0.999)),
+            row("server CPU µs/message", &|f| {
+                f.server_cpu_us_per_message(tck)
+            }),
+            row("  of which kernel (sys)", &|f| {
+                f.us_per_message(f.server_ticks.system, tck)
+            }),
+            row("server CPU %", &|f| f.percent(f.server_ticks.total(), tck)),
+            row("server RSS MiB", &EchoFigures::rss_mib),
+            row(
+                "server RSS KiB/connection",
+                &EchoFigures::rss_kib_per_connection,
+            ),
+            row("generator CPU µs/message", &|f| {
+                f.us_per_message(f.generator_ticks.total(), tck)
+            }),
+            row("generator CPU %", &|f| {
+                f.percent(f.generator_ticks.total(), tck)
+            }),
+            row("others' load CPU 0 %", &|f| {
+                f.percent(f.others_ticks[0], tck)
+            }),
+            row("others' load CPU 1 %", &|f| {
+                f.percent(f.others_ticks[1], tck)
+            }),
+            row("messages measured", &|f| f.tally.messages as f64),
+        ],
+        other,
+    );
 }
 
 /// Prints the idle-connection table.
-pub(crate) fn print_idle(points: &[Vec<IdlePoint>; 2]) {
+pub(crate) fn print_idle(points: &[Vec<IdlePoint>; 2], other: Kind) {
     let [ws, base] = points;
     let mut rows = Vec::new();
     for (ws, base) in ws.iter().zip(base) {
@@ -200,21 +207,21 @@ pub(crate) fn print_idle(points: &[Vec<IdlePoint>; 2]) {
         rows.push(Row {
             label: format!("connections open (of {n})"),
             ws_echo: ws.reached as f64,
-            baseline: base.reached as f64,
+            other: base.reached as f64,
         });
         rows.push(Row {
             label: format!("server RSS MiB @{n}"),
             ws_echo: ws.rss_kib as f64 / 1024.0,
-            baseline: base.rss_kib as f64 / 1024.0,
+            other: base.rss_kib as f64 / 1024.0,
         });
         rows.push(Row {
             label: format!("RSS KiB/idle conn @{n}"),
             ws_echo: ws.kib_per_connection(),
-            baseline: base.kib_per_connection(),
+            other: base.kib_per_connection(),
         });
     }
-    print_rows(&rows);
-    for (name, side) in [("ws_echo", ws), ("baseline", base)] {
+    print_rows(&rows, other);
+    for (name, side) in [("ws_echo", ws), (other.name(), base)] {
         for point in side {
             if let Some(error) = &point.first_error {
                 println!(

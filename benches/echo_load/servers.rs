@@ -1,6 +1,6 @@
-//! The two servers under test, each its own process on CPU 0: ws_echo (the release
-//! binary Cargo built for this bench) and the baseline (this bench binary re-executed
-//! with a hidden argument). Both are started by the same command line shape, so they get
+//! The servers under test, each its own process on CPU 0: ws_echo (the release binary
+//! Cargo built for this bench), the baseline, and the ceiling (both this bench binary
+//! re-executed with a hidden argument). All are started by the same command line shape, so they get
 //! the same CPU, the same open-file limit and the same default tokio runtime; a
 //! [`Server`] kills its process when dropped, also when the bench panics.
 
@@ -19,7 +19,7 @@ use nix::{
     unistd::Pid,
 };
 
-use crate::{baseline, load::Error, procfs};
+use crate::{baseline, ceiling, load::Error, procfs};
 
 /// The CPU both servers are pinned to; the generator takes the other one.
 pub(crate) const SERVER_CPU: usize = 0;
@@ -40,16 +40,27 @@ const STOP_GRACE: Duration = Duration::from_secs(5);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Kind {
     WsEcho,
+    /// The tutorial's handler: what ws_echo is compared with by default.
     Baseline,
+    /// A minimal echo with no checks (`--against ceiling`): the cost floor.
+    Ceiling,
 }
 
 impl Kind {
-    pub(crate) const BOTH: [Self; 2] = [Self::WsEcho, Self::Baseline];
-
     pub(crate) fn name(self) -> &'static str {
         match self {
             Self::WsEcho => "ws_echo",
             Self::Baseline => "baseline",
+            Self::Ceiling => "ceiling",
+        }
+    }
+
+    /// The hidden argument that runs this server inside the bench binary.
+    fn hidden_arg(self) -> Option<&'static str> {
+        match self {
+            Self::WsEcho => None,
+            Self::Baseline => Some(baseline::ARG),
+            Self::Ceiling => Some(ceiling::ARG),
         }
     }
 }
@@ -115,11 +126,11 @@ impl Server {
                     .stdout(Stdio::piped())
                     .stderr(Stdio::inherit());
             }
-            Kind::Baseline => {
+            Kind::Baseline | Kind::Ceiling => {
                 let this = std::env::current_exe().map_err(|error| error.to_string())?;
                 command
                     .arg(this)
-                    .arg(baseline::ARG)
+                    .args(kind.hidden_arg())
                     .stdout(Stdio::null())
                     .stderr(Stdio::piped());
             }
@@ -131,7 +142,9 @@ impl Server {
         let pid = child.id();
         let output: Box<dyn Read + Send> = match kind {
             Kind::WsEcho => Box::new(child.stdout.take().expect("stdout is piped")),
-            Kind::Baseline => Box::new(child.stderr.take().expect("stderr is piped")),
+            Kind::Baseline | Kind::Ceiling => {
+                Box::new(child.stderr.take().expect("stderr is piped"))
+            }
         };
         let (address, found) = mpsc::channel();
         // Reads the address, then keeps draining so the server never blocks on a full
@@ -214,5 +227,6 @@ fn parse_address(kind: Kind, line: &str) -> Option<SocketAddr> {
             rest[..rest.find('/')?].parse().ok()
         }
         Kind::Baseline => line.strip_prefix(baseline::LISTENING)?.trim().parse().ok(),
+        Kind::Ceiling => line.strip_prefix(ceiling::LISTENING)?.trim().parse().ok(),
     }
 }
