@@ -24,6 +24,8 @@ mod ceiling;
 mod load;
 #[path = "echo_load/procfs.rs"]
 mod procfs;
+#[path = "echo_load/raw.rs"]
+mod raw;
 #[path = "echo_load/report.rs"]
 mod report;
 #[path = "echo_load/servers.rs"]
@@ -72,7 +74,8 @@ options:
   --against SERVER     baseline (default): the tutorial's handler; ceiling: a minimal
                        echo that checks nothing, to show how close ws_echo is to the
                        floor the kernel sets (no targets are printed then)
-  --client LIB         yawc (default) or tungstenite: the generator's client library
+  --client LIB         raw (default; yawc where compression is offered), yawc or
+                       tungstenite: the generator's WebSocket client
   --ws-echo-arg ARG    pass ARG to ws_echo (repeatable), e.g. --ws-echo-arg=--no-compression
 
 environment:
@@ -96,7 +99,7 @@ impl Args {
             quick: false,
             callgrind: false,
             against: Kind::Baseline,
-            client: ClientLib::Yawc,
+            client: ClientLib::Raw,
             ws_echo_args: Vec::new(),
             names: Vec::new(),
         };
@@ -126,6 +129,7 @@ impl Args {
                 }
                 "--client" => {
                     args.client = match value()?.as_str() {
+                        "raw" => ClientLib::Raw,
                         "yawc" => ClientLib::Yawc,
                         "tungstenite" | "tokio-tungstenite" => ClientLib::Tungstenite,
                         other => return Err(format!("unknown client library {other:?}")),
@@ -338,8 +342,13 @@ fn print_header(args: &Args, pinned: bool, nofile: u64) {
         servers::SERVER_CPU
     );
     println!(
-        "generator: {} client, current-thread runtime, {}; {cpu}",
+        "generator: {} client{}, current-thread runtime, {}; {cpu}",
         args.client.name(),
+        if args.client == ClientLib::Raw {
+            " (yawc where compression is offered)"
+        } else {
+            ""
+        },
         if pinned {
             format!("pinned to CPU {GENERATOR_CPU}")
         } else {

@@ -27,6 +27,8 @@ use tokio::{net::TcpStream, task::JoinSet, time::timeout};
 use tokio_tungstenite::{WebSocketStream, tungstenite::Message};
 use yawc::{CompressionLevel, Frame, OpCode, Options, WebSocket};
 
+use crate::raw::RawClient;
+
 /// A failure of the generator or of a server, as a line for the report.
 pub(crate) type Error = String;
 
@@ -39,11 +41,14 @@ const MAX_MESSAGE: usize = 64 * 1024 * 1024;
 /// Highest latency the histograms hold: one minute, in nanoseconds.
 const MAX_LATENCY_NS: u64 = 60_000_000_000;
 
-/// Which WebSocket client library drives the load. Both are measured by `--client`;
-/// yawc is the default because it costs the generator less CPU per message (see
-/// benches/README.md).
+/// Which WebSocket client drives the load, chosen with `--client`. `raw` is the
+/// default for workloads without compression, yawc for those with it (see
+/// benches/README.md for what each costs the generator).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum ClientLib {
+    /// Pre-encoded frames written and echoes parsed by `raw::RawClient`: the cheapest
+    /// generator, so that it is not what limits W1p. Cannot offer compression.
+    Raw,
     /// yawc's own client, `WebSocket::handshake` over a `TcpStream`.
     Yawc,
     /// tokio-tungstenite 0.29, axum's WebSocket library.
@@ -53,8 +58,19 @@ pub(crate) enum ClientLib {
 impl ClientLib {
     pub(crate) fn name(self) -> &'static str {
         match self {
+            Self::Raw => "raw",
             Self::Yawc => "yawc",
             Self::Tungstenite => "tokio-tungstenite",
+        }
+    }
+
+    /// The client used for `spec`: `raw` cannot negotiate compression, so a workload
+    /// that offers it falls back to yawc.
+    pub(crate) fn for_spec(self, spec: &EchoSpec) -> Self {
+        if self == Self::Raw && spec.compression {
+            Self::Yawc
+        } else {
+            self
         }
     }
 }
@@ -201,6 +217,7 @@ impl Tally {
 // a pointer chase to every poll of the hot loop.
 #[allow(clippy::large_enum_variant)]
 pub(crate) enum Client {
+    Raw(RawClient),
     Yawc(WebSocket<TcpStream>, Frame),
     Tungstenite(WebSocketStream<TcpStream>, Message),
 }
@@ -219,7 +236,16 @@ impl Client {
             .map_err(|error| format!("TCP_NODELAY: {error}"))?;
         let message = spec.message();
         let url = format!("ws://{addr}/ws");
-        match lib {
+        match lib.for_spec(spec) {
+            ClientLib::Raw => {
+                let opcode = match spec.payload {
+                    Payload::Text | Payload::Json => 0x1,
+                    Payload::Binary => 0x2,
+                };
+                Ok(Self::Raw(
+                    RawClient::handshake(tcp, addr, opcode, &message).await?,
+                ))
+            }
             ClientLib::Yawc => {
                 let mut options = Options::default().with_max_payload_read(MAX_MESSAGE);
                 if spec.compression {
@@ -259,6 +285,7 @@ impl Client {
     fn poll_message(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<usize>, Error>> {
         loop {
             match self {
+                Self::Raw(client) => return client.poll_message(cx),
                 Self::Yawc(ws, _) => {
                     let frame = match ready!(ws.poll_next_frame(cx)) {
                         Ok(frame) => frame,
@@ -288,6 +315,7 @@ impl Client {
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
         match self {
+            Self::Raw(client) => client.poll_ready(cx),
             Self::Yawc(ws, _) => ws.poll_ready_unpin(cx).map_err(|error| error.to_string()),
             Self::Tungstenite(ws, _) => ws.poll_ready_unpin(cx).map_err(|error| error.to_string()),
         }
@@ -296,6 +324,10 @@ impl Client {
     /// Queues one more copy of the message; its payload is shared, not copied.
     fn start_send(&mut self) -> Result<(), Error> {
         match self {
+            Self::Raw(client) => {
+                client.start_send();
+                Ok(())
+            }
             Self::Yawc(ws, frame) => ws
                 .start_send_unpin(frame.clone())
                 .map_err(|error| error.to_string()),
@@ -307,6 +339,7 @@ impl Client {
 
     fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
         match self {
+            Self::Raw(client) => client.poll_flush(cx),
             Self::Yawc(ws, _) => ws.poll_flush_unpin(cx).map_err(|error| error.to_string()),
             Self::Tungstenite(ws, _) => ws.poll_flush_unpin(cx).map_err(|error| error.to_string()),
         }
