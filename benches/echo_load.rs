@@ -20,6 +20,8 @@ mod baseline;
 mod callgrind;
 #[path = "echo_load/ceiling.rs"]
 mod ceiling;
+#[path = "echo_load/fastwebsockets_example.rs"]
+mod fastwebsockets_example;
 #[path = "echo_load/load.rs"]
 mod load;
 #[path = "echo_load/procfs.rs"]
@@ -71,9 +73,9 @@ tutorial baseline, and prints both servers' figures with the ratio ws_echo/basel
 options:
   --quick              one short round per server, W4 at 10,000 only (CI; under a minute)
   --callgrind          instructions per echo under valgrind instead (W1 W1p by default)
-  --against SERVER     baseline (default): the tutorial's handler; ceiling: a minimal
-                       echo that checks nothing, to show how close ws_echo is to the
-                       floor the kernel sets (no targets are printed then)
+  --against SERVER     baseline (default): the tutorial's handler; fastwebsockets: that
+                       crate's echo example; ceiling: a minimal echo that checks
+                       nothing, the floor the kernel sets (targets only for baseline)
   --client LIB         raw (default; yawc where compression is offered), yawc or
                        tungstenite: the generator's WebSocket client
   --ws-echo-arg ARG    pass ARG to ws_echo (repeatable), e.g. --ws-echo-arg=--no-compression
@@ -124,6 +126,7 @@ impl Args {
                     args.against = match value()?.as_str() {
                         "baseline" => Kind::Baseline,
                         "ceiling" => Kind::Ceiling,
+                        "fastwebsockets" => Kind::FastWebSockets,
                         other => return Err(format!("unknown server {other:?}")),
                     }
                 }
@@ -247,6 +250,7 @@ fn main() -> ExitCode {
     match raw.first().map(String::as_str) {
         Some(baseline::ARG) => return baseline::main(),
         Some(ceiling::ARG) => return ceiling::main(),
+        Some(fastwebsockets_example::ARG) => return fastwebsockets_example::main(),
         _ => {}
     }
     let args = match Args::parse(&raw) {
@@ -334,6 +338,7 @@ fn print_header(args: &Args, pinned: bool, nofile: u64) {
         if args.quick { " --quick" } else { "" },
         match args.against {
             Kind::Ceiling => "a minimal echo that checks nothing (ceiling)",
+            Kind::FastWebSockets => "fastwebsockets 0.10's echo example",
             _ => "the axum 0.8 tutorial echo (baseline)",
         }
     );

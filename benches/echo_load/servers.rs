@@ -19,7 +19,7 @@ use nix::{
     unistd::Pid,
 };
 
-use crate::{baseline, ceiling, load::Error, procfs};
+use crate::{baseline, ceiling, fastwebsockets_example, load::Error, procfs};
 
 /// The CPU both servers are pinned to; the generator takes the other one.
 pub(crate) const SERVER_CPU: usize = 0;
@@ -44,6 +44,8 @@ pub(crate) enum Kind {
     Baseline,
     /// A minimal echo with no checks (`--against ceiling`): the cost floor.
     Ceiling,
+    /// fastwebsockets' echo example (`--against fastwebsockets`).
+    FastWebSockets,
 }
 
 impl Kind {
@@ -52,6 +54,7 @@ impl Kind {
             Self::WsEcho => "ws_echo",
             Self::Baseline => "baseline",
             Self::Ceiling => "ceiling",
+            Self::FastWebSockets => "fastwebsockets",
         }
     }
 
@@ -61,6 +64,7 @@ impl Kind {
             Self::WsEcho => None,
             Self::Baseline => Some(baseline::ARG),
             Self::Ceiling => Some(ceiling::ARG),
+            Self::FastWebSockets => Some(fastwebsockets_example::ARG),
         }
     }
 }
@@ -126,7 +130,7 @@ impl Server {
                     .stdout(Stdio::piped())
                     .stderr(Stdio::inherit());
             }
-            Kind::Baseline | Kind::Ceiling => {
+            Kind::Baseline | Kind::Ceiling | Kind::FastWebSockets => {
                 let this = std::env::current_exe().map_err(|error| error.to_string())?;
                 command
                     .arg(this)
@@ -142,7 +146,7 @@ impl Server {
         let pid = child.id();
         let output: Box<dyn Read + Send> = match kind {
             Kind::WsEcho => Box::new(child.stdout.take().expect("stdout is piped")),
-            Kind::Baseline | Kind::Ceiling => {
+            Kind::Baseline | Kind::Ceiling | Kind::FastWebSockets => {
                 Box::new(child.stderr.take().expect("stderr is piped"))
             }
         };
@@ -228,5 +232,10 @@ fn parse_address(kind: Kind, line: &str) -> Option<SocketAddr> {
         }
         Kind::Baseline => line.strip_prefix(baseline::LISTENING)?.trim().parse().ok(),
         Kind::Ceiling => line.strip_prefix(ceiling::LISTENING)?.trim().parse().ok(),
+        Kind::FastWebSockets => line
+            .strip_prefix(fastwebsockets_example::LISTENING)?
+            .trim()
+            .parse()
+            .ok(),
     }
 }
