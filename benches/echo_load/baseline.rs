@@ -32,15 +32,7 @@ pub(crate) fn main() -> ExitCode {
         .expect("the baseline's runtime starts");
     runtime.block_on(async {
         let app = Router::new().route("/ws", get(ws_handler));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind 127.0.0.1:0");
-        eprintln!(
-            "{LISTENING}{}",
-            listener
-                .local_addr()
-                .expect("a bound listener has an address")
-        );
+        let listener = crate::servers::listen_and_report(LISTENING).await;
         axum::serve(listener, app).await.expect("serve");
     });
     ExitCode::SUCCESS

@@ -15,7 +15,7 @@ use bytes::{Buf, BytesMut};
 use sha1::{Digest, Sha1};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
+    net::TcpStream,
 };
 
 /// The hidden argument that turns the bench binary into the ceiling server.
@@ -37,15 +37,7 @@ pub(crate) fn main() -> ExitCode {
         .build()
         .expect("the ceiling's runtime starts");
     runtime.block_on(async {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind 127.0.0.1:0");
-        eprintln!(
-            "{LISTENING}{}",
-            listener
-                .local_addr()
-                .expect("a bound listener has an address")
-        );
+        let listener = crate::servers::listen_and_report(LISTENING).await;
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 continue;

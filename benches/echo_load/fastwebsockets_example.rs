@@ -21,7 +21,6 @@ use hyper::{
     server::conn::http1,
     service::service_fn,
 };
-use tokio::net::TcpListener;
 
 /// The hidden argument that turns the bench binary into this server.
 pub(crate) const ARG: &str = "--fastwebsockets-server";
@@ -68,15 +67,7 @@ pub(crate) fn main() -> ExitCode {
         .expect("the example's runtime starts");
 
     rt.block_on(async move {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind 127.0.0.1:0");
-        eprintln!(
-            "{LISTENING}{}",
-            listener
-                .local_addr()
-                .expect("a bound listener has an address")
-        );
+        let listener = crate::servers::listen_and_report(LISTENING).await;
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 continue;

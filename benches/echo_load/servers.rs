@@ -222,6 +222,19 @@ impl Drop for Server {
     }
 }
 
+/// For a server run inside this bench binary: binds 127.0.0.1:0 and reports the address
+/// on stderr after `prefix`, where [`Server::start`] reads it.
+pub(crate) async fn listen_and_report(prefix: &str) -> tokio::net::TcpListener {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind 127.0.0.1:0");
+    let addr = listener
+        .local_addr()
+        .expect("a bound listener has an address");
+    eprintln!("{prefix}{addr}");
+    listener
+}
+
 /// The server's address from one line of its output, if the line carries it.
 fn parse_address(kind: Kind, line: &str) -> Option<SocketAddr> {
     match kind {
