@@ -39,7 +39,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use load::{ClientLib, Control, EchoSpec, Error, Payload, Tally};
+use load::{ClientLib, Control, EchoSpec, Error, Payload, Sends, Tally};
 use nix::{
     sched::{CpuSet, sched_setaffinity},
     sys::resource::{Resource, getrlimit, setrlimit},
@@ -78,6 +78,8 @@ options:
                        nothing, the floor the kernel sets (targets only for baseline)
   --client LIB         raw (default; yawc where compression is offered), yawc or
                        tungstenite: the generator's WebSocket client
+  --send-each          write every message as it is sent, as a browser does, instead of
+                       coalescing a connection's sends into one write per wake-up
   --ws-echo-arg ARG    pass ARG to ws_echo (repeatable), e.g. --ws-echo-arg=--no-compression
 
 environment:
@@ -91,6 +93,8 @@ pub(crate) struct Args {
     /// The server ws_echo is compared with.
     pub(crate) against: Kind,
     pub(crate) client: ClientLib,
+    /// How the generator's connections write what they send.
+    pub(crate) sends: Sends,
     pub(crate) ws_echo_args: Vec<String>,
     pub(crate) names: Vec<String>,
 }
@@ -102,6 +106,7 @@ impl Args {
             callgrind: false,
             against: Kind::Baseline,
             client: ClientLib::Raw,
+            sends: Sends::Coalesced,
             ws_echo_args: Vec::new(),
             names: Vec::new(),
         };
@@ -122,6 +127,7 @@ impl Args {
                 "--bench" => {}
                 "--quick" => args.quick = true,
                 "--callgrind" => args.callgrind = true,
+                "--send-each" => args.sends = Sends::Each,
                 "--against" => {
                     args.against = match value()?.as_str() {
                         "baseline" => Kind::Baseline,
@@ -360,6 +366,9 @@ fn print_header(args: &Args, pinned: bool, nofile: u64) {
             format!("NOT pinned ({cores} CPUs allowed)")
         },
     );
+    if args.sends == Sends::Each {
+        println!("generator sends: each message written on its own (--send-each)");
+    }
     if !args.ws_echo_args.is_empty() {
         println!("ws_echo arguments: {}", args.ws_echo_args.join(" "));
     }
@@ -418,7 +427,7 @@ async fn run_echo(
         let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
         for i in order {
             let figures = &mut figures[i];
-            echo_round(&servers[i], spec, timing, args.client, figures).await?;
+            echo_round(&servers[i], spec, timing, args, figures).await?;
         }
     }
     Ok(figures)
@@ -429,13 +438,13 @@ async fn echo_round(
     server: &Server,
     spec: &EchoSpec,
     timing: Timing,
-    lib: ClientLib,
+    args: &Args,
     figures: &mut EchoFigures,
 ) -> Result<(), Error> {
     let name = server.kind.name();
     let (clients, errors) = load::connect_many(
         server.addr,
-        lib,
+        args.client,
         spec,
         spec.connections,
         PARALLEL_HANDSHAKES,
@@ -451,7 +460,13 @@ async fn echo_round(
     let control = Arc::new(Control::default());
     let mut tasks = JoinSet::new();
     for client in clients {
-        tasks.spawn(load::drive(client, spec.depth, None, Arc::clone(&control)));
+        tasks.spawn(load::drive(
+            client,
+            spec.depth,
+            None,
+            Arc::clone(&control),
+            args.sends,
+        ));
     }
     tokio::time::sleep(timing.warmup).await;
 

@@ -105,6 +105,7 @@ async fn profile(
             spec.depth,
             Some(quota),
             Arc::clone(&control),
+            args.sends,
         ));
     }
     let mut tally = Tally::new();

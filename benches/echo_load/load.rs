@@ -75,6 +75,17 @@ impl ClientLib {
     }
 }
 
+/// How a connection writes the messages it sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Sends {
+    /// Queued while echoes are arriving and written in one go when the connection
+    /// would wait (the default): one `write` per wake-up, as ws_echo writes.
+    Coalesced,
+    /// Each message written as soon as it is sent (`--send-each`), the way a browser's
+    /// `WebSocket.send()` or a send-and-flush client puts each one in its own segment.
+    Each,
+}
+
 /// What each message carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Payload {
@@ -355,6 +366,7 @@ pub(crate) async fn drive(
     depth: usize,
     quota: Option<u64>,
     control: Arc<Control>,
+    sends: Sends,
 ) -> Result<Tally, Error> {
     let mut tally = Tally::new();
     let mut in_flight: VecDeque<Instant> = VecDeque::with_capacity(depth);
@@ -375,6 +387,11 @@ pub(crate) async fn drive(
                 in_flight.push_back(Instant::now());
                 sent += 1;
                 unflushed = true;
+                if sends == Sends::Each {
+                    if let Poll::Ready(()) = client.poll_flush(cx)? {
+                        unflushed = false;
+                    }
+                }
             }
             match client.poll_message(cx)? {
                 Poll::Ready(Some(bytes)) => {
