@@ -150,7 +150,7 @@ impl Assembler {
 /// word by word first: `from_utf8` alone spends ~170 instructions on a 20-byte message
 /// (callgrind, echo_load W1p), `is_ascii` ~25. Text with non-ASCII characters pays for
 /// the ASCII prefix twice, which `is_ascii` scans at about 8 bytes per instruction.
-fn is_utf8(bytes: &[u8]) -> bool {
+pub(crate) fn is_utf8(bytes: &[u8]) -> bool {
     bytes.is_ascii() || std::str::from_utf8(bytes).is_ok()
 }
 

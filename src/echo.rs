@@ -44,7 +44,8 @@ use crate::{
     app::{AppState, PeerAddr},
     assembly::{Assembler, Failure, Kind, Part},
     config::Settings,
-    frame_guard::{self, GuardHandle},
+    fast_echo::Echoed,
+    frame_guard::{self, GuardHandle, Lane},
     handshake, hello,
     limits::{Admission, Full},
     metrics::{EchoCounters, HandshakeResult, Limit, Metrics, Side},
@@ -246,7 +247,17 @@ async fn serve(
         read: state.counters.deflate_in.1.clone(),
         written: state.counters.deflate_out.1.clone(),
     });
-    let (io, guard) = frame_guard::guard(io, Arc::clone(&state.read_budget), wire_counters);
+    // Uncompressed connections echo whole small messages in the guard (`fast_echo`),
+    // except at debug level, where every message is logged here.
+    let lane = (!compressed && !tracing::enabled!(tracing::Level::DEBUG)).then(|| Lane {
+        max_payload: state
+            .settings
+            .max_frame_size
+            .min(state.settings.max_message_size),
+        write_limit: state.settings.write_buffer_limit,
+    });
+    let uses_queue = lane.is_some();
+    let (io, guard) = frame_guard::guard(io, Arc::clone(&state.read_budget), wire_counters, lane);
     let mut ws = match WebSocket::from_stream_with_extensions(
         io,
         Role::Server,
@@ -278,6 +289,7 @@ async fn serve(
             &state.metrics,
             &state.counters,
             compressed,
+            uses_queue,
         );
         // The greeting, when asked for, goes out before any echo.
         echo_loop.pending = greeting.map(Frame::text);
@@ -351,6 +363,9 @@ struct EchoLoop<'a> {
     counters: &'a EchoCounters,
     /// Whether permessage-deflate was negotiated (for the compression-ratio counters).
     compressed: bool,
+    /// Whether data echoes go to the guard's output queue (uncompressed connections,
+    /// see `fast_echo`) instead of the engine's write buffer.
+    uses_queue: bool,
     /// The frame guard's refusals and the read budget.
     guard: GuardHandle,
     /// Reassembles fragmented messages and validates text.
@@ -370,6 +385,70 @@ struct EchoLoop<'a> {
     awaiting_pong: Option<(u64, Instant)>,
     /// Pings sent so far; the next ping's payload.
     pings_sent: u64,
+    /// Echoes counted here and not yet added to the shared metrics.
+    unpublished: Unpublished,
+}
+
+/// Whatever way the loop ends, its last echoes are counted.
+impl Drop for EchoLoop<'_> {
+    fn drop(&mut self) {
+        self.publish_counts();
+    }
+}
+
+/// Message and byte counts of one connection that the shared counters have not seen
+/// yet, indexed by [`Kind`] (text, binary).
+///
+/// The shared counters are atomics that every connection adds to: four locked adds per
+/// echo, cheap in instructions but not in cycles, and each moves a cache line between
+/// cores when connections run on several. The echo loop adds up its echoes here and
+/// publishes them once per wake-up, before the flush that sends those echoes, so a
+/// client that has its echo can already read it in `/metrics`.
+#[derive(Debug, Default)]
+struct Unpublished {
+    messages: [u32; 2],
+    bytes: [u64; 2],
+}
+
+impl Unpublished {
+    fn add(&mut self, kind: Kind, messages: u64, bytes: u64) {
+        let index = match kind {
+            Kind::Text => 0,
+            Kind::Binary => 1,
+        };
+        // Published at least once per wake-up, which reads at most the read buffer.
+        self.messages[index] += messages as u32;
+        self.bytes[index] += bytes;
+    }
+
+    /// Adds the counts to the shared counters and starts again from zero.
+    fn publish(&mut self, counters: &EchoCounters, compressed: bool) {
+        let [text, binary] = std::mem::take(&mut self.messages);
+        if text == 0 && binary == 0 {
+            return;
+        }
+        let [text_bytes, binary_bytes] = std::mem::take(&mut self.bytes);
+        for (messages, bytes, counted_in, counted_out) in [
+            (text, text_bytes, &counters.text_in, &counters.text_out),
+            (
+                binary,
+                binary_bytes,
+                &counters.binary_in,
+                &counters.binary_out,
+            ),
+        ] {
+            if messages > 0 {
+                counted_in.messages.inc_by(u64::from(messages));
+                counted_in.bytes.inc_by(bytes);
+                counted_out.messages.inc_by(u64::from(messages));
+                counted_out.bytes.inc_by(bytes);
+            }
+        }
+        if compressed {
+            counters.deflate_in.0.inc_by(text_bytes + binary_bytes);
+            counters.deflate_out.0.inc_by(text_bytes + binary_bytes);
+        }
+    }
 }
 
 impl<'a> EchoLoop<'a> {
@@ -379,6 +458,7 @@ impl<'a> EchoLoop<'a> {
         metrics: &'a Metrics,
         counters: &'a EchoCounters,
         compressed: bool,
+        uses_queue: bool,
     ) -> Self {
         let now = Instant::now();
         Self {
@@ -386,6 +466,7 @@ impl<'a> EchoLoop<'a> {
             metrics,
             counters,
             compressed,
+            uses_queue,
             guard,
             assembler: Assembler::new(settings.max_message_size),
             pending: None,
@@ -395,6 +476,87 @@ impl<'a> EchoLoop<'a> {
             next_ping: settings.ping_interval.map(|interval| now + interval),
             awaiting_pong: None,
             pings_sent: 0,
+            unpublished: Unpublished::default(),
+        }
+    }
+
+    /// Adds the echoes counted since the last call to the shared metrics.
+    fn publish_counts(&mut self) {
+        self.unpublished.publish(self.counters, self.compressed);
+    }
+
+    /// Counts what the guard echoed in its fast lane since the last call. Returns
+    /// whether echoes wait in the guard's queue, and whether the guard stopped reading
+    /// because the client does not take them.
+    fn take_lane_echoes(&mut self, stats: &mut Stats) -> (bool, bool) {
+        if !self.uses_queue {
+            return (false, false);
+        }
+        let (echoed, queued, stalled) = self.guard.take_echoed();
+        if !echoed.is_empty() {
+            let Echoed { text, binary } = echoed;
+            for (kind, (messages, bytes)) in [(Kind::Text, text), (Kind::Binary, binary)] {
+                stats.messages_in += messages;
+                stats.bytes_in += bytes;
+                stats.messages_out += messages;
+                stats.bytes_out += bytes;
+                if messages > 0 {
+                    self.unpublished.add(kind, messages, bytes);
+                }
+            }
+            if self.settings.idle_timeout.is_some() {
+                self.last_message = Instant::now();
+            }
+        }
+        (queued, stalled)
+    }
+
+    /// Hands `pending` to the guard's queue (data echoes of an uncompressed connection)
+    /// or to the engine. Pending, with `pending` kept, while there is no room.
+    fn poll_send_pending<S>(
+        &mut self,
+        ws: &mut Streaming<S>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<Result<(), WebSocketError>>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        let kind = match self.pending.as_ref().map(Frame::opcode) {
+            None => return Poll::Ready(Ok(())),
+            Some(OpCode::Text) => Some(Kind::Text),
+            Some(OpCode::Binary) => Some(Kind::Binary),
+            Some(_) => None,
+        };
+        // Pongs the engine owes go out first (`poll_ready` writes them), as they would
+        // if the echo went through the engine: a Ping that came before the end of this
+        // message is answered before its echo (Autobahn 5.x). Pending with `pending`
+        // kept while there is no room.
+        if let Err(error) = std::task::ready!(ws.poll_ready_unpin(cx)) {
+            return Poll::Ready(Err(error));
+        }
+        let frame = self
+            .pending
+            .take()
+            .expect("invariant: checked to be Some above, and nothing took it since");
+        match kind {
+            Some(kind) if self.uses_queue => {
+                let limit = self.settings.write_buffer_limit;
+                loop {
+                    if self.guard.queue_message(kind, frame.payload(), limit) {
+                        return Poll::Ready(Ok(()));
+                    }
+                    // The queue is full: flushing the engine's stream writes it out.
+                    match ws.poll_flush_unpin(cx) {
+                        Poll::Ready(Ok(())) => continue,
+                        Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
+                        Poll::Pending => {
+                            self.pending = Some(frame);
+                            return Poll::Pending;
+                        }
+                    }
+                }
+            }
+            _ => Poll::Ready(ws.start_send_unpin(frame)),
         }
     }
 
@@ -428,6 +590,21 @@ impl<'a> EchoLoop<'a> {
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
+        let ending = self.echo_until_the_end(ws, stats, shutdown).await;
+        // What the guard echoed in the last reads, such as those before a Close.
+        self.take_lane_echoes(stats);
+        ending
+    }
+
+    async fn echo_until_the_end<S>(
+        &mut self,
+        ws: &mut Streaming<S>,
+        stats: &mut Stats,
+        shutdown: &tokio_util::sync::CancellationToken,
+    ) -> Ending
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
         let shutdown = shutdown.cancelled();
         tokio::pin!(shutdown);
         let timer = sleep_until(self.next_deadline());
@@ -437,7 +614,9 @@ impl<'a> EchoLoop<'a> {
         // their state is allocated when a connection closes instead of being carried
         // by every idle one: the task shrinks from 2,448 to 2,056 bytes.
         loop {
-            let event = self.next_event(ws, shutdown.as_mut(), timer.as_mut()).await;
+            let event = self
+                .next_event(ws, stats, shutdown.as_mut(), timer.as_mut())
+                .await;
             match event {
                 Event::Frame(Ok(frame)) => match self.on_frame(frame, stats) {
                     Next::Continue => {}
@@ -455,6 +634,7 @@ impl<'a> EchoLoop<'a> {
                 Event::Refused(refusal) => {
                     let reason = refusal.reason();
                     debug!(reason, "frame refused");
+                    self.guard.stop_echoes();
                     let _ = Box::pin(timeout(
                         self.settings.close_timeout,
                         ws.send(Frame::close(CloseCode::Protocol, reason)),
@@ -477,6 +657,7 @@ impl<'a> EchoLoop<'a> {
     async fn next_event<S>(
         &mut self,
         ws: &mut Streaming<S>,
+        stats: &mut Stats,
         mut shutdown: Pin<&mut impl Future<Output = ()>>,
         mut timer: Pin<&mut Sleep>,
     ) -> Event
@@ -488,19 +669,16 @@ impl<'a> EchoLoop<'a> {
         // buffered echoes it first, which the drain does anyway, and the runtime's
         // cooperative budget makes even a flooding client's read wait now and then.
         poll_fn(|cx| {
-            if let Some(frame) = self.pending.take() {
-                match ws.poll_ready_unpin(cx) {
+            if self.pending.is_some() {
+                match self.poll_send_pending(ws, cx) {
                     Poll::Ready(Ok(())) => {
-                        if let Err(error) = ws.start_send_unpin(frame) {
-                            return Poll::Ready(Event::WriteFailed(error));
-                        }
                         self.unflushed = true;
                         self.stalled_since = None;
                     }
                     Poll::Ready(Err(error)) => return Poll::Ready(Event::WriteFailed(error)),
                     Poll::Pending => {
                         // The client is not reading: neither do we.
-                        self.pending = Some(frame);
+                        self.publish_counts();
                         if self.stalled_since.is_none() && self.settings.stall_timeout.is_some() {
                             trace!("client is not reading its echoes; reading paused");
                             self.stalled_since = Some(Instant::now());
@@ -524,6 +702,19 @@ impl<'a> EchoLoop<'a> {
             if let Some(refusal) = self.guard.occurred() {
                 return Poll::Ready(Event::Refused(refusal));
             }
+            let (queued, stalled) = self.take_lane_echoes(stats);
+            self.unflushed |= queued;
+            if stalled {
+                if self.stalled_since.is_none() && self.settings.stall_timeout.is_some() {
+                    trace!("client is not reading its echoes; reading paused");
+                    self.stalled_since = Some(Instant::now());
+                    timer.as_mut().reset(self.next_deadline());
+                }
+            } else if self.pending.is_none() {
+                self.stalled_since = None;
+            }
+            // Everything buffered is read: count it before its echoes go out.
+            self.publish_counts();
             if self.unflushed {
                 match ws.poll_flush_unpin(cx) {
                     Poll::Ready(Ok(())) => self.unflushed = false,
@@ -566,18 +757,7 @@ impl<'a> EchoLoop<'a> {
                 stats.bytes_in += len;
                 stats.messages_out += 1;
                 stats.bytes_out += len;
-                let (counted_in, counted_out) = match kind {
-                    Kind::Text => (&self.counters.text_in, &self.counters.text_out),
-                    Kind::Binary => (&self.counters.binary_in, &self.counters.binary_out),
-                };
-                counted_in.messages.inc();
-                counted_in.bytes.inc_by(len);
-                counted_out.messages.inc();
-                counted_out.bytes.inc_by(len);
-                if self.compressed {
-                    self.counters.deflate_in.0.inc_by(len);
-                    self.counters.deflate_out.0.inc_by(len);
-                }
+                self.unpublished.add(kind, 1, len);
                 if self.settings.idle_timeout.is_some() {
                     // Reading the clock costs ~40 instructions per echo; only the idle
                     // timeout needs it.
@@ -619,8 +799,18 @@ impl<'a> EchoLoop<'a> {
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
         match frame.opcode() {
-            // The engine has already queued the Pong; a Ping is not echoed as data.
-            OpCode::Ping => None,
+            // The engine has already queued the Pong; a Ping is not echoed as data. The
+            // Pong is written now if the socket has room (`poll_ready` writes what the
+            // engine owes), so that echoes the guard makes of later messages do not
+            // overtake it.
+            OpCode::Ping => {
+                let _ = poll_fn(|cx| match ws.poll_ready_unpin(cx) {
+                    Poll::Pending => Poll::Ready(Ok(())),
+                    ready => ready,
+                })
+                .await;
+                None
+            }
             OpCode::Pong => {
                 if let Some((sent_payload, sent_at)) = self.awaiting_pong {
                     if frame.payload().as_ref() == sent_payload.to_be_bytes() {
@@ -649,6 +839,8 @@ impl<'a> EchoLoop<'a> {
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
+        // The engine has queued (or the peer has made moot) the last frame we send.
+        self.guard.stop_echoes();
         let code = match &error {
             WebSocketError::ConnectionClosed => return Ending::Dropped("connection closed".into()),
             // yawc reports a compressed payload that does not inflate as an I/O error of
@@ -712,6 +904,7 @@ impl<'a> EchoLoop<'a> {
             if now >= since + limit {
                 // The write side is full, so this Close is sent only if room appears.
                 let reason = "client stopped reading its echoes";
+                self.guard.stop_echoes();
                 let _ = ws
                     .send(Frame::close(CloseCode::Policy, reason))
                     .now_or_never();
@@ -722,6 +915,7 @@ impl<'a> EchoLoop<'a> {
             if now >= sent_at + self.settings.ping_timeout {
                 // The peer is not answering; there is no handshake to wait for.
                 let reason = "keepalive ping unanswered";
+                self.guard.stop_echoes();
                 let _ = ws
                     .send(Frame::close(CloseCode::Away, reason))
                     .now_or_never();
@@ -798,6 +992,8 @@ impl<'a> EchoLoop<'a> {
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
         let code_number = u16::from(code);
+        // Nothing read from here on is echoed: our Close is the last frame we send.
+        self.guard.stop_echoes();
         let handshake = async {
             if let Some(frame) = self.pending.take() {
                 ws.feed(frame).await?;

@@ -21,12 +21,16 @@
 //! spent. The echo loop gives the bytes back once their echoes are flushed
 //! ([`GuardHandle::release_delivered`]), and the guard gives back the rest when the
 //! connection ends.
+//!
+//! On uncompressed connections the guard is also where `fast_echo` works: it echoes the
+//! whole small messages of each read into the connection's output queue before the
+//! engine sees the rest, and writes that queue out before anything the engine writes.
 
 use std::{
     io,
     pin::Pin,
     sync::{
-        Arc,
+        Arc, Mutex, MutexGuard,
         atomic::{AtomicU8, AtomicUsize, Ordering},
     },
     task::{Context, Poll},
@@ -38,6 +42,11 @@ use tokio::{
     sync::Semaphore,
 };
 use tokio_util::sync::PollSemaphore;
+
+use crate::{
+    assembly::Kind,
+    fast_echo::{self, Echoed, Output},
+};
 
 /// The largest payload of a control frame (RFC 6455 §5.5).
 const MAX_CONTROL_PAYLOAD: u8 = 125;
@@ -134,6 +143,24 @@ pub(crate) struct FrameGuard<S> {
     /// Counters of bytes on the wire, for connections whose compression ratio is
     /// measured.
     wire: Option<WireCounters>,
+    /// Whether `fast_echo` echoes whole small messages here, and its limits; `None` for
+    /// compressed connections, whose echoes all go through the engine.
+    lane: Option<Lane>,
+    /// A text or binary frame without FIN has passed and its final continuation has not:
+    /// whole frames now belong to the engine's path (which refuses them as interleaved).
+    message_open: bool,
+    /// The client's Close has passed: nothing after it is echoed.
+    close_seen: bool,
+}
+
+/// The limits of the fast lane (`fast_echo`) for one connection.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Lane {
+    /// Largest payload echoed in the lane; larger frames go to the engine, which applies
+    /// the frame and message limits with their close codes.
+    pub(crate) max_payload: usize,
+    /// Queued echo bytes past which the guard stops reading (TCP backpressure).
+    pub(crate) write_limit: usize,
 }
 
 /// Wire byte counters a guard adds to as bytes pass.
@@ -157,6 +184,18 @@ struct Shared {
     acquired: AtomicUsize,
     /// Bytes of an incomplete frame among `held`: not delivered to the engine as a frame.
     partial: AtomicUsize,
+    /// The output queue of an uncompressed connection (see `fast_echo`).
+    output: Mutex<Output>,
+}
+
+impl Shared {
+    fn output(&self) -> MutexGuard<'_, Output> {
+        // Nothing panics while holding the lock (it guards plain buffer appends and a
+        // write), so it is never poisoned; if it were, its data is still consistent.
+        self.output
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
 }
 
 /// The echo loop's view of the guard: why it stopped the stream, and the budget.
@@ -184,6 +223,36 @@ impl GuardHandle {
         }
     }
 
+    /// Queues the echo of a message that came through the engine, behind every echo
+    /// queued before it. `false` when the queue is at `limit` bytes: write it out first
+    /// (flushing the engine's stream does) and try again.
+    pub(crate) fn queue_message(&self, kind: Kind, payload: &[u8], limit: usize) -> bool {
+        let mut output = self.shared.output();
+        if output.unwritten() >= limit {
+            return false;
+        }
+        output.push_message(kind, payload);
+        true
+    }
+
+    /// What the fast lane echoed since the last call; whether echoes wait in the queue
+    /// (they need a flush); whether the guard stopped reading because the client does
+    /// not take them.
+    pub(crate) fn take_echoed(&self) -> (Echoed, bool, bool) {
+        let mut output = self.shared.output();
+        (
+            output.take_echoed(),
+            output.unwritten() > 0,
+            output.stalled(),
+        )
+    }
+
+    /// Ends the fast lane before the server sends Close: nothing read after this point
+    /// is echoed.
+    pub(crate) fn stop_echoes(&self) {
+        self.shared.output().stop();
+    }
+
     /// Bytes this connection holds against the allowance and budget.
     #[cfg(test)]
     pub(crate) fn held(&self) -> usize {
@@ -192,11 +261,12 @@ impl GuardHandle {
 }
 
 /// Wraps `inner`, which must start at a frame boundary (right after the handshake),
-/// charging reads to `budget`.
+/// charging reads to `budget`; with a `lane`, whole small messages are echoed here.
 pub(crate) fn guard<S>(
     inner: S,
     budget: Arc<Semaphore>,
     wire: Option<WireCounters>,
+    lane: Option<Lane>,
 ) -> (FrameGuard<S>, GuardHandle) {
     let shared = Arc::new(Shared::default());
     let guard = FrameGuard {
@@ -206,6 +276,9 @@ pub(crate) fn guard<S>(
         budget: PollSemaphore::new(Arc::clone(&budget)),
         shared: Arc::clone(&shared),
         wire,
+        lane,
+        message_open: false,
+        close_seen: false,
     };
     (guard, GuardHandle { shared, budget })
 }
@@ -240,6 +313,18 @@ fn whole_header(bytes: &[u8]) -> Option<Result<(usize, u64), Refusal>> {
 }
 
 impl<S> FrameGuard<S> {
+    /// Notes what a header means for the fast lane: whether a fragmented message is
+    /// open, and whether the client's Close has passed.
+    fn note_header(&mut self, first: u8) {
+        let fin = first & 0x80 != 0;
+        match first & 0x0F {
+            0x1 | 0x2 => self.message_open = !fin,
+            0x0 if fin => self.message_open = false,
+            0x8 => self.close_seen = true,
+            _ => {}
+        }
+    }
+
     /// Follows the frame sequence through `bytes`. Returns the first refused header and
     /// its offset in `bytes` (0 if it started in an earlier read), or `None`.
     fn scan(&mut self, bytes: &[u8]) -> Option<(usize, Refusal)> {
@@ -252,10 +337,12 @@ impl<S> FrameGuard<S> {
                 match whole_header(&bytes[index..]) {
                     Some(Err(refusal)) => return Some((index, refusal)),
                     Some(Ok((header_len, 0))) => {
+                        self.note_header(bytes[index]);
                         index += header_len;
                         continue;
                     }
                     Some(Ok((header_len, payload))) => {
+                        self.note_header(bytes[index]);
                         index += header_len;
                         self.frame_passed = header_len;
                         self.position = Position::Payload { remaining: payload };
@@ -264,6 +351,8 @@ impl<S> FrameGuard<S> {
                     None => {}
                 }
             }
+            // The header's first byte, noted once the borrow of `position` ends.
+            let mut noted = None;
             match &mut self.position {
                 Position::Payload { remaining } => {
                     let step = (*remaining).min((bytes.len() - index) as u64);
@@ -284,6 +373,7 @@ impl<S> FrameGuard<S> {
                         if let Some(refusal) = Refusal::check(header[0], header[1]) {
                             return Some((index.saturating_sub(2), refusal));
                         }
+                        noted = Some(header[0]);
                         let extended = match header[1] & 0x7F {
                             126 => 2,
                             127 => 8,
@@ -309,25 +399,61 @@ impl<S> FrameGuard<S> {
                     }
                 }
             }
+            if let Some(first) = noted {
+                self.note_header(first);
+            }
         }
         None
     }
 }
 
-impl<S: AsyncRead + Unpin> AsyncRead for FrameGuard<S> {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for FrameGuard<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        if this.shared.refusal.load(Ordering::Acquire) != 0 {
-            // Wake every time: the engine may poll twice with different wakers, and the
-            // echo loop checks the refusal as soon as the engine has no frame left, so
-            // this cannot spin.
-            cx.waker().wake_by_ref();
-            return Poll::Pending;
+        loop {
+            if this.shared.refusal.load(Ordering::Acquire) != 0 {
+                // Wake every time: the engine may poll twice with different wakers, and
+                // the echo loop checks the refusal as soon as the engine has no frame
+                // left, so this cannot spin.
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            if let Some(lane) = this.lane {
+                // Echoes the client does not take stop the reading, as the engine's full
+                // write buffer does for the echo loop.
+                let mut output = this.shared.output();
+                if output.unwritten() >= lane.write_limit {
+                    let written = output.poll_write_out(&mut this.inner, cx);
+                    output.set_stalled(written.is_pending());
+                    std::task::ready!(written)?;
+                }
+                output.set_stalled(false);
+            }
+            let (delivered, echoed) = std::task::ready!(this.poll_read_once(cx, buf))?;
+            if delivered == 0 && echoed > 0 {
+                // Everything read was echoed here. Returning no bytes would read as the
+                // end of the stream: read on (the runtime's cooperative budget ends this
+                // loop under a flood).
+                continue;
+            }
+            return Poll::Ready(Ok(()));
         }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> FrameGuard<S> {
+    /// One read into `buf`, charged to the budget; the fast lane's echoes taken out,
+    /// the rest scanned. Returns the bytes delivered in `buf` and the bytes echoed here.
+    fn poll_read_once(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<(usize, usize)>> {
+        let this = self;
         let held = this.shared.held.load(Ordering::Relaxed);
         let acquired = this.shared.acquired.load(Ordering::Relaxed);
         // What may be read without taking more from the budget.
@@ -376,7 +502,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for FrameGuard<S> {
                             .fetch_add(need as usize, Ordering::Relaxed);
                     }
                     // The semaphore is never closed; treat it as the end of the stream.
-                    None => return Poll::Ready(Ok(())),
+                    None => return Poll::Ready(Ok((0, 0))),
                 }
             }
             // Read at most `want` bytes. This initialises (zeroes) at most one chunk of
@@ -386,7 +512,23 @@ impl<S: AsyncRead + Unpin> AsyncRead for FrameGuard<S> {
             let read = limited.filled().len();
             buf.advance(read);
         }
-        let after = buf.filled().len();
+        let mut after = buf.filled().len();
+        let mut echoed = 0;
+        if let Some(lane) = this.lane {
+            let at_boundary = matches!(this.position, Position::Header { have: 0, .. });
+            if after > before && at_boundary && !this.message_open && !this.close_seen {
+                echoed = fast_echo::echo_whole_frames(
+                    &buf.filled()[before..after],
+                    &mut this.shared.output(),
+                    lane.max_payload,
+                );
+            }
+            if echoed > 0 {
+                buf.filled_mut().copy_within(before + echoed..after, before);
+                after -= echoed;
+                buf.set_filled(after);
+            }
+        }
         let refused = this.scan(&buf.filled()[before..after]);
         if let Some((offset, refusal)) = refused {
             this.shared.refusal.store(refusal as u8, Ordering::Release);
@@ -396,7 +538,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for FrameGuard<S> {
         if let Some(wire) = &this.wire {
             wire.read.inc_by(delivered as u64);
         }
-        let held = this.shared.held.fetch_add(delivered, Ordering::Relaxed) + delivered;
+        // Echoed bytes stay charged until their echoes are flushed, like delivered ones.
+        let taken = delivered + echoed;
+        let held = this.shared.held.fetch_add(taken, Ordering::Relaxed) + taken;
         this.shared
             .partial
             .store(this.frame_passed, Ordering::Relaxed);
@@ -412,7 +556,17 @@ impl<S: AsyncRead + Unpin> AsyncRead for FrameGuard<S> {
             cx.waker().wake_by_ref();
             return Poll::Pending;
         }
-        Poll::Ready(Ok(()))
+        Poll::Ready(Ok((delivered, echoed)))
+    }
+}
+
+impl<S: AsyncWrite + Unpin> FrameGuard<S> {
+    /// Writes out the queued echoes: everything the engine writes goes after them.
+    fn poll_write_queue(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.lane.is_none() {
+            return Poll::Ready(Ok(()));
+        }
+        self.shared.output().poll_write_out(&mut self.inner, cx)
     }
 }
 
@@ -422,6 +576,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for FrameGuard<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        std::task::ready!(self.poll_write_queue(cx))?;
         let written = std::task::ready!(Pin::new(&mut self.inner).poll_write(cx, buf))?;
         if let Some(wire) = &self.wire {
             wire.written.inc_by(written as u64);
@@ -434,6 +589,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for FrameGuard<S> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        std::task::ready!(self.poll_write_queue(cx))?;
         let written = std::task::ready!(Pin::new(&mut self.inner).poll_write_vectored(cx, bufs))?;
         if let Some(wire) = &self.wire {
             wire.written.inc_by(written as u64);
@@ -446,10 +602,12 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for FrameGuard<S> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        std::task::ready!(self.poll_write_queue(cx))?;
         Pin::new(&mut self.inner).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        std::task::ready!(self.poll_write_queue(cx))?;
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
@@ -485,7 +643,7 @@ mod tests {
     #[tokio::test]
     async fn frames_within_limits_pass_unchanged() {
         let (client, server) = duplex(1 << 20);
-        let (mut guarded, violation) = guard(server, budget(1 << 30), None);
+        let (mut guarded, violation) = guard(server, budget(1 << 30), None, None);
         let mut sent = frame(0x2, 70_000);
         sent.extend(frame(0x9, 125));
         sent.extend(frame(0x1, 0));
@@ -502,7 +660,7 @@ mod tests {
     #[tokio::test]
     async fn oversized_close_is_withheld_and_flagged() {
         let (mut client, server) = duplex(1 << 16);
-        let (mut guarded, violation) = guard(server, budget(1 << 30), None);
+        let (mut guarded, violation) = guard(server, budget(1 << 30), None, None);
         let good = frame(0x1, 5);
         let mut sent = good.clone();
         sent.extend(frame(0x8, 126));
@@ -521,7 +679,7 @@ mod tests {
 
     #[test]
     fn header_split_across_reads_is_followed() {
-        let (guarded, _violation) = guard((), budget(1 << 30), None);
+        let (guarded, _violation) = guard((), budget(1 << 30), None, None);
         let mut guarded = guarded;
         let sent = frame(0x2, 300);
         for byte in &sent {
@@ -548,7 +706,7 @@ mod tests {
         sent.extend(frame(0x8, 126));
         sent.extend(frame(0x1, 3));
         for split in 0..=sent.len() {
-            let (mut guarded, _violation) = guard((), budget(1 << 30), None);
+            let (mut guarded, _violation) = guard((), budget(1 << 30), None, None);
             let (head, tail) = sent.split_at(split);
             let in_head = guarded.scan(head);
             let refused = match in_head {
@@ -577,7 +735,7 @@ mod tests {
     async fn reads_past_the_allowance_wait_for_the_budget() {
         let budget = budget(32 * 1024);
         let (mut client, server) = duplex(1 << 20);
-        let (mut guarded, handle) = guard(server, Arc::clone(&budget), None);
+        let (mut guarded, handle) = guard(server, Arc::clone(&budget), None, None);
         let sent = frame(0x2, 200 * 1024);
         client.write_all(&sent).await.unwrap();
         let mut received = Vec::new();
@@ -610,7 +768,7 @@ mod tests {
     async fn released_frames_return_their_budget() {
         let budget = budget(1 << 20);
         let (mut client, server) = duplex(1 << 20);
-        let (mut guarded, handle) = guard(server, Arc::clone(&budget), None);
+        let (mut guarded, handle) = guard(server, Arc::clone(&budget), None, None);
         let sent = frame(0x2, 100 * 1024);
         client.write_all(&sent).await.unwrap();
         let mut received = vec![0; sent.len()];

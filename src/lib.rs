@@ -19,9 +19,10 @@
 //! - `echo`: `GET /ws`, the per-connection echo loop; the only module that knows the
 //!   WebSocket engine.
 //! - `frame_guard`: a read-side guard for what the engine does not check itself.
+//! - `fast_echo`: echoes whole small messages where they are read, and keeps every
+//!   echo of an uncompressed connection in order in one output queue.
 //! - `hello`: the opt-in JSON greeting (`/ws?hello=1`).
 //! - `limits`: caps on open WebSockets, in all and per client address.
-//! - `metrics`: Prometheus series, defined once, served at `/metrics`.
 //! - `metrics`: Prometheus series, defined once, served at `/metrics`.
 //! - `origin`: which web origins may connect.
 //! - `page`: `GET /`, the embedded HTML page.
@@ -47,6 +48,7 @@ mod config;
 mod deflate;
 mod echo;
 mod error;
+mod fast_echo;
 mod frame_guard;
 mod handshake;
 mod hello;

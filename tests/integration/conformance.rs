@@ -370,3 +370,93 @@ async fn corrupt_compressed_data_closes_with_1007() {
         "the failed connection is not counted as dropped"
     );
 }
+
+/// Whole small messages are echoed where they are read and the rest goes through the
+/// engine (`src/fast_echo.rs`); mixed in one write, every echo and the Pong still leave
+/// in the order their frames came, the Close last, and the metrics count every echo.
+#[tokio::test]
+async fn messages_in_one_read_are_echoed_in_order_whatever_path_they_take() {
+    let server = TestServer::start().await;
+    let (mut client, _) = server.raw("").await;
+    let mut bytes = Vec::new();
+    for (fin, opcode, payload) in [
+        (true, TEXT, &b"one"[..]),
+        (true, BINARY, &[0xFF, 0x00][..]),
+        (true, PING, &b"p"[..]),
+        (true, TEXT, &b"after the ping"[..]),
+        (false, TEXT, &b"frag"[..]),
+        (true, CONTINUATION, &b"mented"[..]),
+        (true, TEXT, &[0x80][..]), // invalid UTF-8: the lane declines it, the engine fails it
+    ] {
+        bytes.extend(encode_frame(fin, false, opcode, payload, true));
+    }
+    client.send_bytes(&bytes).await;
+    let mut received = Vec::new();
+    for _ in 0..5 {
+        let frame = client.read_frame().await.expect("a frame");
+        received.push((frame.opcode, frame.payload));
+    }
+    assert_eq!(
+        received,
+        [
+            (TEXT, b"one".to_vec()),
+            (BINARY, vec![0xFF, 0x00]),
+            (PONG, b"p".to_vec()),
+            (TEXT, b"after the ping".to_vec()),
+            (TEXT, b"fragmented".to_vec()),
+        ]
+    );
+    assert_eq!(client.expect_close().await.close_code(), 1007);
+
+    let scrape = scrape_when_closed(server.addr).await;
+    let messages = |direction, kind| {
+        value(
+            &scrape,
+            "ws_echo_messages_total",
+            &[("direction", direction), ("type", kind)],
+        )
+    };
+    assert_eq!(messages("in", "text"), 3.0);
+    assert_eq!(messages("out", "text"), 3.0);
+    assert_eq!(messages("out", "binary"), 1.0);
+}
+
+/// Pipelined messages taken by the lane in one read are all echoed before the Close
+/// answer when the Close comes in the same read.
+#[tokio::test]
+async fn echoes_of_a_read_go_out_before_the_close_reply() {
+    let server = TestServer::start().await;
+    let (mut client, _) = server.raw("").await;
+    let mut bytes = Vec::new();
+    for i in 0..50 {
+        bytes.extend(encode_frame(
+            true,
+            false,
+            TEXT,
+            format!("m{i}").as_bytes(),
+            true,
+        ));
+    }
+    bytes.extend(encode_frame(
+        true,
+        false,
+        CLOSE,
+        &1000u16.to_be_bytes(),
+        true,
+    ));
+    bytes.extend(encode_frame(true, false, TEXT, b"after close", true));
+    client.send_bytes(&bytes).await;
+    for i in 0..50 {
+        let echo = client.read_frame().await.expect("echo");
+        assert_eq!(
+            (echo.opcode, echo.payload),
+            (TEXT, format!("m{i}").into_bytes())
+        );
+    }
+    assert_eq!(client.expect_close().await.close_code(), 1000);
+    assert_eq!(
+        client.read_frame().await,
+        None,
+        "nothing after the Close reply"
+    );
+}
