@@ -205,6 +205,28 @@ pub(crate) fn echo_whole_frames(bytes: &[u8], out: &mut Output, max_payload: usi
     index
 }
 
+/// Longest frame [`is_cut_small_frame`] accepts: a 125-byte payload and its header.
+const MAX_CARRIED: usize = 2 + 4 + 125;
+
+/// Whether `rest` (what follows the lane's last echo in a read, at a frame boundary) is
+/// the beginning of a frame the lane would take, cut by the end of the read: text or
+/// binary with FIN and no RSV bits, masked, a payload of at most 125 bytes, incomplete.
+/// Anything else (including 16-bit lengths) is left to the engine.
+pub(crate) fn is_cut_small_frame(rest: &[u8]) -> bool {
+    match *rest {
+        [] => false,
+        [first] => first == 0x81 || first == 0x82,
+        [first, second, ..] => {
+            let len = usize::from(second & 0x7F);
+            (first == 0x81 || first == 0x82)
+                && second & 0x80 != 0
+                && len <= 125
+                && rest.len() < 2 + 4 + len
+                && rest.len() < MAX_CARRIED
+        }
+    }
+}
+
 /// XORs `payload` with the client's masking key (RFC 6455 §5.3), eight bytes at a time.
 fn unmask(payload: &mut [u8], mask: [u8; 4]) {
     let wide = u64::from_ne_bytes([
@@ -333,6 +355,28 @@ mod tests {
             );
             assert!(out.bytes.is_empty());
         }
+    }
+
+    #[test]
+    fn only_cut_small_lane_frames_are_carried() {
+        let frame = client_frame(0x81, b"Hello");
+        for cut in 1..frame.len() {
+            assert!(is_cut_small_frame(&frame[..cut]), "cut at {cut}");
+        }
+        assert!(!is_cut_small_frame(&frame), "a whole frame is not cut");
+        assert!(!is_cut_small_frame(&[]));
+        let ping = client_frame(0x89, b"p");
+        assert!(
+            !is_cut_small_frame(&ping[..3]),
+            "control frames go to the engine"
+        );
+        let long = client_frame(0x82, &[0; 200]);
+        assert!(
+            !is_cut_small_frame(&long[..10]),
+            "16-bit lengths go to the engine"
+        );
+        let unmasked = [0x81, 0x05, b'H'];
+        assert!(!is_cut_small_frame(&unmasked));
     }
 
     #[test]

@@ -151,6 +151,10 @@ pub(crate) struct FrameGuard<S> {
     message_open: bool,
     /// The client's Close has passed: nothing after it is echoed.
     close_seen: bool,
+    /// The start of a small frame the last read ended in, held back from the engine
+    /// until the next read completes it (see `poll_read_once`). Empty and unallocated
+    /// at rest.
+    carry: Vec<u8>,
 }
 
 /// The limits of the fast lane (`fast_echo`) for one connection.
@@ -279,6 +283,7 @@ pub(crate) fn guard<S>(
         lane,
         message_open: false,
         close_seen: false,
+        carry: Vec::new(),
     };
     (guard, GuardHandle { shared, budget })
 }
@@ -433,11 +438,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for FrameGuard<S> {
                 }
                 output.set_stalled(false);
             }
-            let (delivered, echoed) = std::task::ready!(this.poll_read_once(cx, buf))?;
-            if delivered == 0 && echoed > 0 {
-                // Everything read was echoed here. Returning no bytes would read as the
-                // end of the stream: read on (the runtime's cooperative budget ends this
-                // loop under a flood).
+            let (delivered, taken_out) = std::task::ready!(this.poll_read_once(cx, buf))?;
+            if delivered == 0 && taken_out > 0 {
+                // Everything read was echoed or carried here. Returning no bytes would
+                // read as the end of the stream: read on (the runtime's cooperative
+                // budget ends this loop under a flood).
                 continue;
             }
             return Poll::Ready(Ok(()));
@@ -446,19 +451,108 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for FrameGuard<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> FrameGuard<S> {
-    /// One read into `buf`, charged to the budget; the fast lane's echoes taken out,
-    /// the rest scanned. Returns the bytes delivered in `buf` and the bytes echoed here.
+    /// One read into `buf`, charged to the budget, behind the bytes carried from the
+    /// last read; the fast lane's echoes taken out, a small frame cut at the end carried
+    /// to the next read, the rest scanned. Returns the bytes delivered in `buf` and the
+    /// bytes taken out (echoed or carried).
     fn poll_read_once(
         &mut self,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<(usize, usize)>> {
         let this = self;
+        let before = buf.filled().len();
+        let prepended = this.carry.len().min(buf.remaining());
+        if prepended > 0 {
+            buf.put_slice(&this.carry[..prepended]);
+            this.carry.drain(..prepended);
+        }
+        // With carried bytes that did not all fit (an engine buffer smaller than a small
+        // frame), those are delivered as they are, without reading behind them.
+        if this.carry.is_empty() && buf.remaining() > 0 {
+            let read = this.poll_read_budgeted(cx, buf);
+            if !matches!(read, Poll::Ready(Ok(()))) {
+                // Nothing is delivered: the carried bytes wait for the next read.
+                let carried: Vec<u8> = buf.filled()[before..].to_vec();
+                this.carry.splice(0..0, carried);
+                buf.set_filled(before);
+                return read.map_ok(|()| (0, 0));
+            }
+        }
+        let fresh = buf.filled().len() - before - prepended;
+        let mut after = buf.filled().len();
+        let mut echoed = 0;
+        let mut carried = 0;
+        if let Some(lane) = this.lane {
+            let at_boundary = matches!(this.position, Position::Header { have: 0, .. });
+            if after > before && at_boundary && !this.message_open && !this.close_seen {
+                echoed = fast_echo::echo_whole_frames(
+                    &buf.filled()[before..after],
+                    &mut this.shared.output(),
+                    lane.max_payload,
+                );
+            }
+            if echoed > 0 {
+                buf.filled_mut().copy_within(before + echoed..after, before);
+                after -= echoed;
+                buf.set_filled(after);
+            }
+            // A small frame cut by the end of the read waits here for its end, so that
+            // it and the frames after it can take the lane on the next read instead of
+            // the engine's path (pipelined messages rarely end where a read does).
+            if fresh > 0
+                && at_boundary
+                && fast_echo::is_cut_small_frame(&buf.filled()[before..after])
+            {
+                this.carry.extend_from_slice(&buf.filled()[before..after]);
+                carried = after - before;
+                after = before;
+                buf.set_filled(after);
+            }
+        }
+        let refused = this.scan(&buf.filled()[before..after]);
+        if let Some((offset, refusal)) = refused {
+            this.shared.refusal.store(refusal as u8, Ordering::Release);
+            buf.set_filled(before + offset);
+        }
+        let delivered = buf.filled().len() - before;
+        if let Some(wire) = &this.wire {
+            wire.read.inc_by(delivered as u64);
+        }
+        // Echoed bytes stay charged until their echoes are flushed, like delivered ones;
+        // prepended ones were charged when they were read. (Carried bytes, at most one
+        // small frame, are given back with the delivered ones: within the allowance.)
+        let taken = (delivered + echoed + carried).saturating_sub(prepended);
+        let held = this.shared.held.fetch_add(taken, Ordering::Relaxed) + taken;
+        this.shared
+            .partial
+            .store(this.frame_passed, Ordering::Relaxed);
+        // Give back permits taken for bytes that did not come.
+        let needed = held.saturating_sub(FREE_ALLOWANCE);
+        let acquired = this.shared.acquired.load(Ordering::Relaxed);
+        if acquired > needed {
+            this.shared.acquired.store(needed, Ordering::Relaxed);
+            this.budget.add_permits(acquired - needed);
+        }
+        if refused.is_some() && delivered == 0 {
+            // Returning no bytes would read as end of stream; wait for the loop instead.
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        Poll::Ready(Ok((delivered, echoed + carried)))
+    }
+
+    /// Reads into `buf`, charging what comes to the read budget (see the module doc).
+    fn poll_read_budgeted(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self;
         let held = this.shared.held.load(Ordering::Relaxed);
         let acquired = this.shared.acquired.load(Ordering::Relaxed);
         // What may be read without taking more from the budget.
         let covered = (FREE_ALLOWANCE + acquired).saturating_sub(held);
-        let before = buf.filled().len();
         // When the budget has room for all the engine's spare capacity (it does unless
         // the server is under memory pressure), take it for this read only and read
         // straight into that capacity; what does not come goes back below, and all of
@@ -502,7 +596,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> FrameGuard<S> {
                             .fetch_add(need as usize, Ordering::Relaxed);
                     }
                     // The semaphore is never closed; treat it as the end of the stream.
-                    None => return Poll::Ready(Ok((0, 0))),
+                    None => return Poll::Ready(Ok(())),
                 }
             }
             // Read at most `want` bytes. This initialises (zeroes) at most one chunk of
@@ -512,51 +606,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> FrameGuard<S> {
             let read = limited.filled().len();
             buf.advance(read);
         }
-        let mut after = buf.filled().len();
-        let mut echoed = 0;
-        if let Some(lane) = this.lane {
-            let at_boundary = matches!(this.position, Position::Header { have: 0, .. });
-            if after > before && at_boundary && !this.message_open && !this.close_seen {
-                echoed = fast_echo::echo_whole_frames(
-                    &buf.filled()[before..after],
-                    &mut this.shared.output(),
-                    lane.max_payload,
-                );
-            }
-            if echoed > 0 {
-                buf.filled_mut().copy_within(before + echoed..after, before);
-                after -= echoed;
-                buf.set_filled(after);
-            }
-        }
-        let refused = this.scan(&buf.filled()[before..after]);
-        if let Some((offset, refusal)) = refused {
-            this.shared.refusal.store(refusal as u8, Ordering::Release);
-            buf.set_filled(before + offset);
-        }
-        let delivered = buf.filled().len() - before;
-        if let Some(wire) = &this.wire {
-            wire.read.inc_by(delivered as u64);
-        }
-        // Echoed bytes stay charged until their echoes are flushed, like delivered ones.
-        let taken = delivered + echoed;
-        let held = this.shared.held.fetch_add(taken, Ordering::Relaxed) + taken;
-        this.shared
-            .partial
-            .store(this.frame_passed, Ordering::Relaxed);
-        // Give back permits taken for bytes that did not come.
-        let needed = held.saturating_sub(FREE_ALLOWANCE);
-        let acquired = this.shared.acquired.load(Ordering::Relaxed);
-        if acquired > needed {
-            this.shared.acquired.store(needed, Ordering::Relaxed);
-            this.budget.add_permits(acquired - needed);
-        }
-        if refused.is_some() && delivered == 0 {
-            // Returning no bytes would read as end of stream; wait for the loop instead.
-            cx.waker().wake_by_ref();
-            return Poll::Pending;
-        }
-        Poll::Ready(Ok((delivered, echoed)))
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -778,6 +828,40 @@ mod tests {
         handle.release_delivered();
         assert_eq!(handle.held(), 0);
         assert_eq!(budget.available_permits(), 1 << 20);
+    }
+
+    /// A small text frame split over two reads is echoed by the lane once whole, and
+    /// the engine sees none of it.
+    #[tokio::test]
+    async fn a_small_frame_cut_by_a_read_is_carried_and_echoed() {
+        let lane = Lane {
+            max_payload: 1 << 20,
+            write_limit: 1 << 16,
+        };
+        let (mut client, server) = duplex(1 << 16);
+        let (mut guarded, handle) = guard(server, budget(1 << 30), None, Some(lane));
+        let mut sent = frame(0x1, 0);
+        let whole = sent.len();
+        sent.extend(frame(0x1, 40));
+        // One whole frame and the first 10 bytes of the next.
+        client.write_all(&sent[..whole + 10]).await.unwrap();
+        let mut received = vec![0; 1024];
+        let wait = std::time::Duration::from_millis(50);
+        let read = tokio::time::timeout(wait, guarded.read(&mut received)).await;
+        assert!(read.is_err(), "nothing reaches the engine");
+        let (echoed, queued, _) = handle.take_echoed();
+        assert_eq!(echoed.text, (1, 0));
+        assert!(queued);
+        client.write_all(&sent[whole + 10..]).await.unwrap();
+        let read = tokio::time::timeout(wait, guarded.read(&mut received)).await;
+        assert!(read.is_err(), "nothing reaches the engine");
+        assert_eq!(handle.take_echoed().0.text, (1, 40));
+        // The queue goes out before anything the engine writes.
+        guarded.write_all(b"engine").await.unwrap();
+        let mut out = vec![0; 2 + 2 + 40 + 6];
+        client.read_exact(&mut out).await.unwrap();
+        assert_eq!(&out[..4], &[0x81, 0, 0x81, 40]);
+        assert_eq!(&out[44..], b"engine");
     }
 
     #[test]
