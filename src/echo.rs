@@ -9,6 +9,10 @@
 //! fails on invalid text or fragments without sending any Close; `assembly` does that
 //! part instead.
 //!
+//! On uncompressed connections most echoes never reach this loop: the frame guard
+//! echoes whole small messages where it reads them (`fast_echo`), and the loop puts the
+//! echoes of the messages the engine delivers in the same output queue, behind them.
+//!
 //! The loop writes echoes without flushing while more input is already buffered, and
 //! flushes once when the next read would wait: one `write` per wake-up instead of one
 //! per message, the lever for pipelined traffic. When the client does not read, the
