@@ -636,15 +636,15 @@ impl<'a> EchoLoop<'a> {
                 }
                 Event::WriteFailed(error) => return Ending::Dropped(error.to_string()),
                 Event::Refused(refusal) => {
-                    let reason = refusal.reason();
-                    debug!(reason, "frame refused");
+                    let (code, reason) = (refusal.close_code(), refusal.reason());
+                    debug!(code, reason, "frame refused");
                     self.guard.stop_echoes();
                     let _ = Box::pin(timeout(
                         self.settings.close_timeout,
-                        ws.send(Frame::close(CloseCode::Protocol, reason)),
+                        ws.send(Frame::close(CloseCode::from(code), reason)),
                     ))
                     .await;
-                    return Ending::ProtocolError(1002, reason.to_owned());
+                    return Ending::ProtocolError(code, reason.to_owned());
                 }
                 Event::Shutdown => return Box::pin(self.drain_and_close(ws, stats)).await,
                 Event::Timer => {

@@ -8,8 +8,15 @@
 //! frames that need nothing else: unfragmented text or binary, no reserved bits, masked,
 //! and wholly inside one read. `frame_guard` calls [`echo_whole_frames`] on each read
 //! before handing the rest to the engine, so a frame the lane declines (a control frame,
-//! a fragment, invalid UTF-8, a frame cut by the read) and everything after it in that
-//! read takes the engine's path, which owns every error and close code.
+//! a fragment, invalid UTF-8) and everything after it in that read takes the engine's
+//! path, which owns every error and close code.
+//!
+//! A larger frame of the same kind that a read cuts is taken too ([`Output::start_frame`]):
+//! its header goes into the queue, and the guard reads the rest of its payload straight
+//! into the queue behind it, unmasking and (for text) validating as it comes, so a
+//! 16 KiB message costs two or three reads instead of the engine's seven growing ones
+//! from its 384-byte buffer. The queue writes out only *committed* bytes: a frame in
+//! progress is committed when its last byte has arrived and its text is valid.
 //!
 //! Order is kept by one rule: the echo loop puts the echoes of engine-path messages in
 //! the same [`Output`] queue, and the guard writes the queue out before any byte the
@@ -24,6 +31,7 @@ use std::{
     task::{Context, Poll},
 };
 
+use bytes::BytesMut;
 use tokio::io::AsyncWrite;
 
 use crate::assembly::{Kind, is_utf8};
@@ -39,9 +47,13 @@ const KEPT_CAPACITY: usize = 1024;
 /// of the echo loop, never per message.
 #[derive(Debug, Default)]
 pub(crate) struct Output {
-    /// Encoded server frames; `bytes[written..]` is still to be written.
-    bytes: Vec<u8>,
+    /// Encoded server frames; `bytes[written..committed]` is ready to be written, and
+    /// `bytes[committed..]` is the frame in progress, if any.
+    bytes: BytesMut,
     written: usize,
+    committed: usize,
+    /// The frame whose payload is still arriving.
+    frame: Option<FrameInProgress>,
     /// No more echoes from the lane: a Close was received or is about to be sent.
     stopped: bool,
     /// The queue was over its limit when the guard last tried to read.
@@ -49,6 +61,36 @@ pub(crate) struct Output {
     /// Messages and payload bytes the lane echoed, by [`Kind`] (text, binary), since
     /// [`Output::take_echoed`].
     echoed: [(u64, u64); 2],
+}
+
+/// A frame the lane is receiving straight into the queue.
+#[derive(Debug)]
+struct FrameInProgress {
+    kind: Kind,
+    mask: [u8; 4],
+    /// Payload length announced by the header.
+    len: usize,
+    /// Payload bytes received so far.
+    received: usize,
+    /// Of those, how many are known to be valid UTF-8 (text only): a character cut by
+    /// a read is checked when the next bytes arrive.
+    valid_utf8: usize,
+    /// Where the payload starts in the queue.
+    payload_start: usize,
+    /// Bytes read from the socket for this frame so far (header included).
+    wire_bytes: usize,
+}
+
+/// What a read into a frame in progress came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FrameProgress {
+    /// More payload is to come; this many bytes of the wire are held for it so far.
+    Partial(usize),
+    /// The frame is whole and committed.
+    Done,
+    /// The text is not valid UTF-8: the frame is dropped and the connection must close
+    /// with 1007.
+    InvalidUtf8,
 }
 
 /// What the lane echoed since the echo loop last asked, by kind.
@@ -68,9 +110,19 @@ impl Echoed {
 }
 
 impl Output {
-    /// Bytes queued and not yet written.
+    /// Bytes ready to be written and not written yet.
     pub(crate) fn unwritten(&self) -> usize {
-        self.bytes.len() - self.written
+        self.committed - self.written
+    }
+
+    /// Whether a frame's payload is arriving into the queue.
+    pub(crate) fn frame_in_progress(&self) -> bool {
+        self.frame.is_some()
+    }
+
+    /// Makes everything queued so far ready to be written.
+    fn commit(&mut self) {
+        self.committed = self.bytes.len();
     }
 
     /// Whether the guard found the queue over its limit and stopped reading.
@@ -82,9 +134,18 @@ impl Output {
         self.stalled = stalled;
     }
 
-    /// Ends the lane: later frames all take the engine's path.
+    /// Ends the lane: later frames all take the engine's path, and a frame in progress
+    /// is dropped (its message never arrived whole, so it is not echoed).
     pub(crate) fn stop(&mut self) {
         self.stopped = true;
+        self.drop_frame();
+    }
+
+    /// Drops the frame in progress, if any.
+    pub(crate) fn drop_frame(&mut self) {
+        if self.frame.take().is_some() {
+            self.bytes.truncate(self.committed);
+        }
     }
 
     /// Takes the counts of what the lane echoed.
@@ -93,10 +154,119 @@ impl Output {
         Echoed { text, binary }
     }
 
-    /// Queues the echo of a whole message as one unmasked server frame.
+    /// Queues the echo of a whole message as one unmasked server frame, before any
+    /// frame in progress (whose message came later).
     pub(crate) fn push_message(&mut self, kind: Kind, payload: &[u8]) {
+        // Not reached in practice: while a frame is in progress the engine is given
+        // nothing, so the echo loop has nothing new to queue.
+        let in_progress = self
+            .frame
+            .is_some()
+            .then(|| self.bytes.split_off(self.committed));
+        let start = self.bytes.len();
         self.push_header(opcode(kind), payload.len());
         self.bytes.extend_from_slice(payload);
+        self.commit();
+        if let (Some(frame), Some(in_progress)) = (&mut self.frame, in_progress) {
+            frame.payload_start += self.bytes.len() - start;
+            self.bytes.unsplit(in_progress);
+        }
+    }
+
+    /// Starts receiving the frame at the start of `rest` (what a read left after
+    /// [`echo_whole_frames`], at a frame boundary) into the queue, if the lane takes it:
+    /// FIN, no RSV bits, masked, text or binary, a whole header, a payload of at most
+    /// `max_payload` bytes that `rest` does not hold whole. Returns whether it did;
+    /// then all of `rest` is taken.
+    pub(crate) fn start_frame(&mut self, rest: &[u8], max_payload: usize) -> Option<FrameProgress> {
+        if self.stopped || self.frame.is_some() {
+            return None;
+        }
+        let (kind, header_len, len) = lane_header(rest)?;
+        if len > max_payload || rest.len() >= header_len + len {
+            return None;
+        }
+        let mask: [u8; 4] = rest[header_len - 4..header_len]
+            .try_into()
+            .expect("invariant: the slice is 4 bytes long");
+        self.push_header(opcode(kind), len);
+        let payload_start = self.bytes.len();
+        self.frame = Some(FrameInProgress {
+            kind,
+            mask,
+            len,
+            received: 0,
+            valid_utf8: 0,
+            payload_start,
+            wire_bytes: header_len,
+        });
+        self.bytes.extend_from_slice(&rest[header_len..]);
+        Some(self.frame_received(rest.len() - header_len))
+    }
+
+    /// Room to read the rest of the frame in progress into: the queue's spare capacity,
+    /// limited to the payload still to come. Call [`Output::frame_received`] after.
+    pub(crate) fn frame_buffer(&mut self) -> Option<bytes::buf::Limit<&mut BytesMut>> {
+        let remaining = self
+            .frame
+            .as_ref()
+            .map(|frame| frame.len - frame.received)?;
+        self.bytes.reserve(remaining);
+        Some(bytes::BufMut::limit(&mut self.bytes, remaining))
+    }
+
+    /// Unmasks and checks `n` payload bytes just appended to the frame in progress, and
+    /// commits the frame when it is whole.
+    pub(crate) fn frame_received(&mut self, n: usize) -> FrameProgress {
+        let Some(frame) = &mut self.frame else {
+            return FrameProgress::Done;
+        };
+        let new_start = frame.payload_start + frame.received;
+        let phase = frame.received % 4;
+        let mask = [0, 1, 2, 3].map(|i| frame.mask[(phase + i) % 4]);
+        unmask(&mut self.bytes[new_start..new_start + n], mask);
+        frame.received += n;
+        frame.wire_bytes += n;
+        if frame.kind == Kind::Text {
+            let unchecked = &self.bytes[frame.payload_start + frame.valid_utf8..new_start + n];
+            if unchecked.is_ascii() {
+                frame.valid_utf8 = frame.received;
+            } else {
+                match std::str::from_utf8(unchecked) {
+                    Ok(_) => frame.valid_utf8 = frame.received,
+                    // A character cut by the read: the next bytes may finish it.
+                    Err(error) if error.error_len().is_none() => {
+                        frame.valid_utf8 += error.valid_up_to();
+                    }
+                    Err(_) => {
+                        self.drop_frame();
+                        return FrameProgress::InvalidUtf8;
+                    }
+                }
+            }
+        }
+        if frame.received < frame.len {
+            return FrameProgress::Partial(frame.wire_bytes);
+        }
+        if frame.kind == Kind::Text && frame.valid_utf8 != frame.len {
+            // The message ends inside a character.
+            self.drop_frame();
+            return FrameProgress::InvalidUtf8;
+        }
+        let (kind, len) = (frame.kind, frame.len);
+        self.frame = None;
+        self.count(kind, len);
+        self.commit();
+        FrameProgress::Done
+    }
+
+    fn count(&mut self, kind: Kind, len: usize) {
+        let counts = &mut self.echoed[match kind {
+            Kind::Text => 0,
+            Kind::Binary => 1,
+        }];
+        counts.0 += 1;
+        counts.1 += len as u64;
     }
 
     fn push_header(&mut self, opcode: u8, len: usize) {
@@ -114,28 +284,63 @@ impl Output {
         }
     }
 
-    /// Writes the queue out to `io`; ready once all of it is written.
+    /// Writes the committed part of the queue out to `io`; ready once all of it is
+    /// written.
     pub(crate) fn poll_write_out<S: AsyncWrite + Unpin>(
         &mut self,
         io: &mut S,
         cx: &mut Context<'_>,
     ) -> Poll<io::Result<()>> {
-        while self.written < self.bytes.len() {
-            let n =
-                std::task::ready!(Pin::new(&mut *io).poll_write(cx, &self.bytes[self.written..]))?;
+        while self.written < self.committed {
+            let ready = &self.bytes[self.written..self.committed];
+            let n = std::task::ready!(Pin::new(&mut *io).poll_write(cx, ready))?;
             if n == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
             self.written += n;
         }
+        if self.frame.is_some() {
+            // The frame in progress stays where it is.
+            return Poll::Ready(Ok(()));
+        }
         if self.bytes.capacity() > KEPT_CAPACITY {
-            self.bytes = Vec::new();
+            self.bytes = BytesMut::new();
         } else {
             self.bytes.clear();
         }
         self.written = 0;
+        self.committed = 0;
         Poll::Ready(Ok(()))
     }
+}
+
+/// The kind, header length and payload length of a lane frame whose header starts
+/// `bytes` and lies whole in it: FIN, no RSV bits, text or binary, masked.
+fn lane_header(bytes: &[u8]) -> Option<(Kind, usize, usize)> {
+    let [first, second, ..] = *bytes else {
+        return None;
+    };
+    let kind = match first {
+        0x81 => Kind::Text,
+        0x82 => Kind::Binary,
+        _ => return None,
+    };
+    if second & 0x80 == 0 {
+        return None;
+    }
+    let (extended, len) = match second & 0x7F {
+        126 => (
+            2,
+            u64::from(u16::from_be_bytes(bytes.get(2..4)?.try_into().ok()?)),
+        ),
+        127 => (8, u64::from_be_bytes(bytes.get(2..10)?.try_into().ok()?)),
+        short => (0, u64::from(short)),
+    };
+    let header_len = 2 + extended + 4;
+    if bytes.len() < header_len {
+        return None;
+    }
+    Some((kind, header_len, usize::try_from(len).ok()?))
 }
 
 fn opcode(kind: Kind) -> u8 {
@@ -151,7 +356,7 @@ fn opcode(kind: Kind) -> u8 {
 /// text, valid UTF-8. Stops at the first frame that is anything else. Returns how many
 /// bytes of `bytes` the echoed frames took; the caller hands the rest to the engine.
 pub(crate) fn echo_whole_frames(bytes: &[u8], out: &mut Output, max_payload: usize) -> usize {
-    if out.stopped {
+    if out.stopped || out.frame.is_some() {
         return 0;
     }
     let mut index = 0;
@@ -194,35 +399,36 @@ pub(crate) fn echo_whole_frames(bytes: &[u8], out: &mut Output, max_payload: usi
             out.bytes.truncate(frame_start);
             break;
         }
-        let counts = &mut out.echoed[match kind {
-            Kind::Text => 0,
-            Kind::Binary => 1,
-        }];
-        counts.0 += 1;
-        counts.1 += len as u64;
+        out.count(kind, len);
         index = payload_start + len;
+    }
+    if index > 0 {
+        out.commit();
     }
     index
 }
 
-/// Longest frame [`is_cut_small_frame`] accepts: a 125-byte payload and its header.
-const MAX_CARRIED: usize = 2 + 4 + 125;
-
 /// Whether `rest` (what follows the lane's last echo in a read, at a frame boundary) is
-/// the beginning of a frame the lane would take, cut by the end of the read: text or
-/// binary with FIN and no RSV bits, masked, a payload of at most 125 bytes, incomplete.
-/// Anything else (including 16-bit lengths) is left to the engine.
+/// the beginning of a frame the lane would take, cut by the end of the read, and short:
+/// a cut header (at most 13 bytes), or a frame with a payload of at most 125 bytes
+/// (at most 131 bytes). Text or binary with FIN and no RSV bits, masked. A longer frame
+/// with its header whole is started instead ([`Output::start_frame`]); anything else
+/// is left to the engine.
 pub(crate) fn is_cut_small_frame(rest: &[u8]) -> bool {
     match *rest {
         [] => false,
         [first] => first == 0x81 || first == 0x82,
         [first, second, ..] => {
             let len = usize::from(second & 0x7F);
+            let header_len =
+                2 + match len {
+                    126 => 2,
+                    127 => 8,
+                    _ => 0,
+                } + 4;
             (first == 0x81 || first == 0x82)
                 && second & 0x80 != 0
-                && len <= 125
-                && rest.len() < 2 + 4 + len
-                && rest.len() < MAX_CARRIED
+                && (rest.len() < header_len || (len <= 125 && rest.len() < header_len + len))
         }
     }
 }
@@ -338,7 +544,7 @@ mod tests {
                 good.len(),
                 "{what}"
             );
-            assert_eq!(out.bytes, [0x81, 2, b'o', b'k'], "{what}");
+            assert_eq!(&out.bytes[..], [0x81, 2, b'o', b'k'], "{what}");
             assert_eq!(out.take_echoed().text, (1, 2), "{what}");
         }
     }
@@ -372,11 +578,106 @@ mod tests {
         );
         let long = client_frame(0x82, &[0; 200]);
         assert!(
+            is_cut_small_frame(&long[..7]),
+            "a cut 16-bit header is carried"
+        );
+        assert!(
             !is_cut_small_frame(&long[..10]),
-            "16-bit lengths go to the engine"
+            "a whole header starts a frame instead"
         );
         let unmasked = [0x81, 0x05, b'H'];
         assert!(!is_cut_small_frame(&unmasked));
+    }
+
+    /// A frame larger than the read is taken into the queue and committed only when its
+    /// last byte has come, wherever the reads split it.
+    #[test]
+    fn a_large_frame_is_received_into_the_queue_across_reads() {
+        let payload: Vec<u8> = (0..1000u32).map(|i| b'a' + (i % 26) as u8).collect();
+        let frame = client_frame(0x81, &payload);
+        for first_read in [8, 9, 11, 500] {
+            let mut out = Output::default();
+            assert_eq!(
+                out.start_frame(&frame[..first_read], 1 << 20),
+                Some(FrameProgress::Partial(first_read))
+            );
+            assert_eq!(
+                out.unwritten(),
+                0,
+                "nothing is ready before the frame is whole"
+            );
+            let mut at = first_read;
+            let mut progress = FrameProgress::Partial(0);
+            for step in [3, 100, 1000] {
+                let end = (at + step).min(frame.len());
+                let mut room = out.frame_buffer().expect("a frame in progress");
+                bytes::BufMut::put_slice(&mut room, &frame[at..end]);
+                progress = out.frame_received(end - at);
+                at = end;
+            }
+            assert_eq!(progress, FrameProgress::Done);
+            assert_eq!(&out.bytes[..4], &[0x81, 126, 0x03, 0xE8]);
+            assert_eq!(&out.bytes[4..], &payload[..], "first read {first_read}");
+            assert_eq!(out.unwritten(), 1004);
+            assert_eq!(out.take_echoed().text, (1, 1000));
+        }
+    }
+
+    #[test]
+    fn invalid_utf8_in_a_large_frame_fails_as_it_arrives() {
+        let mut payload = vec![b'x'; 300];
+        payload[200] = 0xFF;
+        let frame = client_frame(0x81, &payload);
+        let mut out = Output::default();
+        out.push_message(Kind::Text, b"before");
+        assert_eq!(
+            out.start_frame(&frame[..100], 1 << 20),
+            Some(FrameProgress::Partial(100))
+        );
+        let mut room = out.frame_buffer().expect("a frame in progress");
+        bytes::BufMut::put_slice(&mut room, &frame[100..250]);
+        assert_eq!(out.frame_received(150), FrameProgress::InvalidUtf8);
+        assert!(!out.frame_in_progress());
+        assert_eq!(
+            &out.bytes[..],
+            &[0x81, 6, b'b', b'e', b'f', b'o', b'r', b'e']
+        );
+    }
+
+    #[test]
+    fn a_character_cut_between_reads_is_valid() {
+        let payload = "é".repeat(100);
+        let frame = client_frame(0x81, payload.as_bytes());
+        let mut out = Output::default();
+        // 8 header bytes and 3 payload bytes: "é" and the first byte of the next one.
+        assert_eq!(
+            out.start_frame(&frame[..11], 1 << 20),
+            Some(FrameProgress::Partial(11))
+        );
+        let mut room = out.frame_buffer().expect("a frame in progress");
+        bytes::BufMut::put_slice(&mut room, &frame[11..]);
+        assert_eq!(out.frame_received(frame.len() - 11), FrameProgress::Done);
+    }
+
+    #[test]
+    fn frames_over_the_limit_or_whole_are_not_started() {
+        let frame = client_frame(0x82, &[0; 1000]);
+        let mut out = Output::default();
+        assert_eq!(out.start_frame(&frame[..100], 999), None, "over the limit");
+        assert_eq!(out.start_frame(&frame, 1 << 20), None, "whole");
+        assert_eq!(out.start_frame(&frame[..5], 1 << 20), None, "cut header");
+        assert!(out.bytes.is_empty());
+    }
+
+    #[test]
+    fn stopping_drops_a_frame_in_progress() {
+        let frame = client_frame(0x82, &[0; 1000]);
+        let mut out = Output::default();
+        out.push_message(Kind::Binary, b"kept");
+        out.start_frame(&frame[..100], 1 << 20);
+        out.stop();
+        assert_eq!(&out.bytes[..], &[0x82, 4, b'k', b'e', b'p', b't']);
+        assert_eq!(out.unwritten(), 6);
     }
 
     #[test]
@@ -394,7 +695,7 @@ mod tests {
     fn engine_path_echoes_use_the_same_framing() {
         let mut out = Output::default();
         out.push_message(Kind::Text, b"Hello");
-        assert_eq!(out.bytes, HELLO_ECHO);
+        assert_eq!(&out.bytes[..], HELLO_ECHO);
         let mut out = Output::default();
         out.push_message(Kind::Binary, &vec![7; 70_000]);
         assert_eq!(&out.bytes[..10], &[0x82, 127, 0, 0, 0, 0, 0, 1, 0x11, 0x70]);

@@ -45,7 +45,7 @@ use tokio_util::sync::PollSemaphore;
 
 use crate::{
     assembly::Kind,
-    fast_echo::{self, Echoed, Output},
+    fast_echo::{self, Echoed, FrameProgress, Output},
 };
 
 /// The largest payload of a control frame (RFC 6455 §5.5).
@@ -68,6 +68,8 @@ pub(crate) enum Refusal {
     ReservedOpcode = 2,
     /// RSV1 on a control or continuation frame.
     MisplacedRsv1 = 3,
+    /// A text message the fast lane was receiving is not valid UTF-8.
+    InvalidUtf8 = 4,
 }
 
 impl Refusal {
@@ -77,6 +79,15 @@ impl Refusal {
             Self::OversizedControl => "control frame payload over 125 bytes",
             Self::ReservedOpcode => "reserved opcode",
             Self::MisplacedRsv1 => "RSV1 set on a control or continuation frame",
+            Self::InvalidUtf8 => "text message is not valid UTF-8",
+        }
+    }
+
+    /// The close code: 1002 (protocol error) for a bad header, 1007 for bad text.
+    pub(crate) fn close_code(self) -> u16 {
+        match self {
+            Self::InvalidUtf8 => 1007,
+            _ => 1002,
         }
     }
 
@@ -85,6 +96,7 @@ impl Refusal {
             1 => Some(Self::OversizedControl),
             2 => Some(Self::ReservedOpcode),
             3 => Some(Self::MisplacedRsv1),
+            4 => Some(Self::InvalidUtf8),
             _ => None,
         }
     }
@@ -155,6 +167,9 @@ pub(crate) struct FrameGuard<S> {
     /// until the next read completes it (see `poll_read_once`). Empty and unallocated
     /// at rest.
     carry: Vec<u8>,
+    /// Wire bytes of the frame the lane is receiving into the queue: held against the
+    /// budget like a partial frame until its echo is flushed.
+    lane_frame_bytes: usize,
 }
 
 /// The limits of the fast lane (`fast_echo`) for one connection.
@@ -284,6 +299,7 @@ pub(crate) fn guard<S>(
         message_open: false,
         close_seen: false,
         carry: Vec::new(),
+        lane_frame_bytes: 0,
     };
     (guard, GuardHandle { shared, budget })
 }
@@ -427,6 +443,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for FrameGuard<S> {
                 cx.waker().wake_by_ref();
                 return Poll::Pending;
             }
+            let mut frame_in_progress = false;
             if let Some(lane) = this.lane {
                 // Echoes the client does not take stop the reading, as the engine's full
                 // write buffer does for the echo loop.
@@ -437,8 +454,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for FrameGuard<S> {
                     std::task::ready!(written)?;
                 }
                 output.set_stalled(false);
+                frame_in_progress = output.frame_in_progress();
             }
-            let (delivered, taken_out) = std::task::ready!(this.poll_read_once(cx, buf))?;
+            let (delivered, taken_out) = if frame_in_progress {
+                std::task::ready!(this.poll_read_lane_frame(cx))?
+            } else {
+                std::task::ready!(this.poll_read_once(cx, buf))?
+            };
             if delivered == 0 && taken_out > 0 {
                 // Everything read was echoed or carried here. Returning no bytes would
                 // read as the end of the stream: read on (the runtime's cooperative
@@ -500,14 +522,35 @@ impl<S: AsyncRead + AsyncWrite + Unpin> FrameGuard<S> {
             // A small frame cut by the end of the read waits here for its end, so that
             // it and the frames after it can take the lane on the next read instead of
             // the engine's path (pipelined messages rarely end where a read does).
-            if fresh > 0
-                && at_boundary
-                && fast_echo::is_cut_small_frame(&buf.filled()[before..after])
-            {
-                this.carry.extend_from_slice(&buf.filled()[before..after]);
-                carried = after - before;
-                after = before;
-                buf.set_filled(after);
+            let lane_open = at_boundary && !this.message_open && !this.close_seen;
+            if fresh > 0 && lane_open && after > before {
+                let rest = &buf.filled()[before..after];
+                let started = this.shared.output().start_frame(rest, lane.max_payload);
+                match started {
+                    // A frame too large for this read: its payload is read into the
+                    // queue from now on (`poll_read_lane_frame`).
+                    Some(progress) => {
+                        carried = rest.len();
+                        this.lane_frame_bytes = match progress {
+                            FrameProgress::Partial(wire) => wire,
+                            FrameProgress::Done | FrameProgress::InvalidUtf8 => 0,
+                        };
+                        if progress == FrameProgress::InvalidUtf8 {
+                            this.shared
+                                .refusal
+                                .store(Refusal::InvalidUtf8 as u8, Ordering::Release);
+                        }
+                    }
+                    None if fast_echo::is_cut_small_frame(rest) => {
+                        this.carry.extend_from_slice(rest);
+                        carried = rest.len();
+                    }
+                    None => {}
+                }
+                if carried > 0 {
+                    after = before;
+                    buf.set_filled(after);
+                }
             }
         }
         let refused = this.scan(&buf.filled()[before..after]);
@@ -522,24 +565,60 @@ impl<S: AsyncRead + AsyncWrite + Unpin> FrameGuard<S> {
         // Echoed bytes stay charged until their echoes are flushed, like delivered ones;
         // prepended ones were charged when they were read. (Carried bytes, at most one
         // small frame, are given back with the delivered ones: within the allowance.)
-        let taken = (delivered + echoed + carried).saturating_sub(prepended);
-        let held = this.shared.held.fetch_add(taken, Ordering::Relaxed) + taken;
-        this.shared
-            .partial
-            .store(this.frame_passed, Ordering::Relaxed);
-        // Give back permits taken for bytes that did not come.
-        let needed = held.saturating_sub(FREE_ALLOWANCE);
-        let acquired = this.shared.acquired.load(Ordering::Relaxed);
-        if acquired > needed {
-            this.shared.acquired.store(needed, Ordering::Relaxed);
-            this.budget.add_permits(acquired - needed);
-        }
+        this.charge((delivered + echoed + carried).saturating_sub(prepended));
         if refused.is_some() && delivered == 0 {
             // Returning no bytes would read as end of stream; wait for the loop instead.
             cx.waker().wake_by_ref();
             return Poll::Pending;
         }
         Poll::Ready(Ok((delivered, echoed + carried)))
+    }
+
+    /// Reads the payload of the frame the lane is receiving straight into the queue,
+    /// charged to the budget. Returns (0 delivered, bytes read).
+    fn poll_read_lane_frame(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<(usize, usize)>> {
+        let shared = Arc::clone(&self.shared);
+        let mut output = shared.output();
+        let Some(mut room) = output.frame_buffer() else {
+            return Poll::Ready(Ok((0, 0)));
+        };
+        let read = tokio_util::io::poll_read_buf(Pin::new(&mut BudgetedRead(self)), cx, &mut room);
+        let n = std::task::ready!(read)?;
+        if n == 0 {
+            // The stream ended inside the message: nothing to echo, and the engine
+            // reads the end of the stream next.
+            output.drop_frame();
+            self.lane_frame_bytes = 0;
+            return Poll::Ready(Ok((0, 0)));
+        }
+        self.lane_frame_bytes = match output.frame_received(n) {
+            FrameProgress::Partial(wire) => wire,
+            FrameProgress::Done => 0,
+            FrameProgress::InvalidUtf8 => {
+                self.shared
+                    .refusal
+                    .store(Refusal::InvalidUtf8 as u8, Ordering::Release);
+                0
+            }
+        };
+        drop(output);
+        self.charge(n);
+        Poll::Ready(Ok((0, n)))
+    }
+
+    /// Adds `taken` bytes read to what this connection holds, and gives back permits
+    /// taken for bytes that did not come.
+    fn charge(&mut self, taken: usize) {
+        let held = self.shared.held.fetch_add(taken, Ordering::Relaxed) + taken;
+        self.shared
+            .partial
+            .store(self.frame_passed + self.lane_frame_bytes, Ordering::Relaxed);
+        let needed = held.saturating_sub(FREE_ALLOWANCE);
+        let acquired = self.shared.acquired.load(Ordering::Relaxed);
+        if acquired > needed {
+            self.shared.acquired.store(needed, Ordering::Relaxed);
+            self.budget.add_permits(acquired - needed);
+        }
     }
 
     /// Reads into `buf`, charging what comes to the read budget (see the module doc).
@@ -607,6 +686,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> FrameGuard<S> {
             buf.advance(read);
         }
         Poll::Ready(Ok(()))
+    }
+}
+
+/// The guard's budgeted read as an `AsyncRead`, so that tokio-util's `poll_read_buf`
+/// can read into the queue's spare capacity without zeroing it first.
+struct BudgetedRead<'a, S>(&'a mut FrameGuard<S>);
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for BudgetedRead<'_, S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        self.0.poll_read_budgeted(cx, buf)
     }
 }
 

@@ -460,3 +460,38 @@ async fn echoes_of_a_read_go_out_before_the_close_reply() {
         "nothing after the Close reply"
     );
 }
+
+/// Messages larger than a read are received by the fast lane straight into the output
+/// queue; sent in pieces with pauses, they are echoed whole, and text that turns out
+/// invalid part-way closes with 1007 without any of it echoed.
+#[tokio::test]
+async fn large_messages_sent_in_pieces_are_echoed_whole_or_refused() {
+    let server = TestServer::start().await;
+    let (mut client, _) = server.raw("").await;
+    let binary: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+    let text = "é𝄞a".repeat(5_000);
+    let mut bytes = encode_frame(true, false, BINARY, &binary, true);
+    bytes.extend(encode_frame(true, false, TEXT, text.as_bytes(), true));
+    // Pieces that cut headers, characters and payloads at odd places.
+    for piece in bytes.chunks(7_777) {
+        client.send_bytes(piece).await;
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+    let echo = client.read_frame().await.expect("binary echo");
+    assert_eq!((echo.opcode, echo.fin), (BINARY, true));
+    assert!(echo.payload == binary, "binary echoed unchanged");
+    let echo = client.read_frame().await.expect("text echo");
+    assert_eq!(
+        (echo.opcode, echo.payload.as_slice()),
+        (TEXT, text.as_bytes())
+    );
+
+    let mut bad = "ok".repeat(10_000).into_bytes();
+    bad[15_000] = 0xFF;
+    let frame = encode_frame(true, false, TEXT, &bad, true);
+    client.send_bytes(&frame[..5_000]).await;
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    client.send_bytes(&frame[5_000..]).await;
+    let close = client.expect_close().await;
+    assert_eq!(close.close_code(), 1007);
+}
