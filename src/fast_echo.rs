@@ -433,18 +433,20 @@ pub(crate) fn is_cut_small_frame(rest: &[u8]) -> bool {
     }
 }
 
-/// XORs `payload` with the client's masking key (RFC 6455 §5.3), eight bytes at a time.
+/// XORs `payload` with the client's masking key (RFC 6455 §5.3), 32 bytes at a time: a
+/// fixed-size inner loop the compiler turns into SIMD XORs (callgrind W2, 16 KiB:
+/// 4,876 instructions per echo in this function with 8-byte words).
 fn unmask(payload: &mut [u8], mask: [u8; 4]) {
-    let wide = u64::from_ne_bytes([
-        mask[0], mask[1], mask[2], mask[3], mask[0], mask[1], mask[2], mask[3],
-    ]);
-    let mut chunks = payload.chunks_exact_mut(8);
+    const WIDTH: usize = 32;
+    let wide: [u8; WIDTH] = std::array::from_fn(|i| mask[i % 4]);
+    let mut chunks = payload.chunks_exact_mut(WIDTH);
     for chunk in &mut chunks {
-        let word = u64::from_ne_bytes((&*chunk).try_into().expect("invariant: 8-byte chunk"));
-        chunk.copy_from_slice(&(word ^ wide).to_ne_bytes());
+        for (byte, key) in chunk.iter_mut().zip(wide) {
+            *byte ^= key;
+        }
     }
     for (i, byte) in chunks.into_remainder().iter_mut().enumerate() {
-        *byte ^= mask[i & 3];
+        *byte ^= mask[i % 4];
     }
 }
 
@@ -497,7 +499,7 @@ mod tests {
 
     #[test]
     fn unmasking_matches_bytewise_xor_at_every_length() {
-        for len in 0..40 {
+        for len in 0..100 {
             let payload: Vec<u8> = (0..len as u8).map(|b| b.wrapping_mul(37)).collect();
             let mut masked: Vec<u8> = payload
                 .iter()
