@@ -495,9 +495,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> FrameGuard<S> {
             let read = this.poll_read_budgeted(cx, buf);
             if !matches!(read, Poll::Ready(Ok(()))) {
                 // Nothing is delivered: the carried bytes wait for the next read.
-                let carried: Vec<u8> = buf.filled()[before..].to_vec();
-                this.carry.splice(0..0, carried);
-                buf.set_filled(before);
+                if prepended > 0 {
+                    this.carry.extend_from_slice(&buf.filled()[before..]);
+                    buf.set_filled(before);
+                }
                 return read.map_ok(|()| (0, 0));
             }
         }
