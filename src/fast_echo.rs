@@ -433,10 +433,32 @@ pub(crate) fn is_cut_small_frame(rest: &[u8]) -> bool {
     }
 }
 
+/// Whether `rest`, a small text frame cut by the end of a read
+/// ([`is_cut_small_frame`]), already holds invalid UTF-8: then the connection fails now,
+/// at the first bad byte on the wire, instead of when the frame ends (Autobahn 6.4.3 and
+/// 6.4.4 check for this "fail fast").
+pub(crate) fn cut_text_is_invalid(rest: &[u8]) -> bool {
+    const HEADER: usize = 2 + 4;
+    if rest.first() != Some(&0x81) || rest.len() <= HEADER {
+        return false;
+    }
+    let mask: [u8; 4] = rest[2..HEADER]
+        .try_into()
+        .expect("invariant: the slice is 4 bytes long");
+    // A small frame's payload is at most 125 bytes, and this one is cut short of it.
+    let mut payload = [0; 125];
+    let payload = &mut payload[..(rest.len() - HEADER).min(125)];
+    payload.copy_from_slice(&rest[HEADER..HEADER + payload.len()]);
+    unmask(payload, mask);
+    // An error without a length is a character cut by the read: the next bytes may
+    // finish it.
+    matches!(std::str::from_utf8(payload), Err(error) if error.error_len().is_some())
+}
+
 /// XORs `payload` with the client's masking key (RFC 6455 §5.3), 32 bytes at a time: a
 /// fixed-size inner loop the compiler turns into SIMD XORs (callgrind W2, 16 KiB:
 /// 4,876 instructions per echo in this function with 8-byte words).
-fn unmask(payload: &mut [u8], mask: [u8; 4]) {
+pub(crate) fn unmask(payload: &mut [u8], mask: [u8; 4]) {
     const WIDTH: usize = 32;
     let wide: [u8; WIDTH] = std::array::from_fn(|i| mask[i % 4]);
     let mut chunks = payload.chunks_exact_mut(WIDTH);
@@ -680,6 +702,27 @@ mod tests {
         out.stop();
         assert_eq!(&out.bytes[..], &[0x82, 4, b'k', b'e', b'p', b't']);
         assert_eq!(out.unwritten(), 6);
+    }
+
+    #[test]
+    fn invalid_text_in_a_cut_small_frame_is_seen_before_the_frame_ends() {
+        let mut payload = "κόσμε".as_bytes().to_vec();
+        payload.extend_from_slice(&[0xF4, 0x90, 0x80, 0x80]); // above U+10FFFF
+        payload.extend_from_slice(b"edited");
+        let frame = client_frame(0x81, &payload);
+        let bad_at = 6 + "κόσμε".len();
+        for cut in 0..frame.len() {
+            // from_utf8 reports 0xF4 0x90 as invalid as soon as the 0x90 is there.
+            let expected = cut > bad_at + 1;
+            assert_eq!(cut_text_is_invalid(&frame[..cut]), expected, "cut at {cut}");
+        }
+        let cut_character = client_frame(0x81, "é".as_bytes());
+        assert!(
+            !cut_text_is_invalid(&cut_character[..7]),
+            "a cut character is not invalid"
+        );
+        let binary = client_frame(0x82, &[0xFF; 10]);
+        assert!(!cut_text_is_invalid(&binary[..10]), "binary is not text");
     }
 
     #[test]

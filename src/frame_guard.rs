@@ -7,6 +7,10 @@
 //! - A reserved opcode fails the connection with 1002 (§5.2, §7.4.1); yawc answers 1003.
 //! - RSV1 is set only on the first frame of a compressed message (RFC 7692 §6.1); yawc
 //!   accepts it on control and continuation frames.
+//! - Invalid UTF-8 in an uncompressed text message fails the connection with 1007 at
+//!   the first bad byte on the wire (RFC 6455 §8.1; Autobahn 6.4.3 and 6.4.4 check this
+//!   "fail fast"): the engine delivers whole frames only, so a bad byte early in a
+//!   large frame would otherwise wait for the frame's end.
 //!
 //! The handler never sees these frames, so the checks sit here, on the upgraded byte
 //! stream, below the engine. The guard follows frame boundaries as the bytes pass (it
@@ -170,6 +174,15 @@ pub(crate) struct FrameGuard<S> {
     /// Wire bytes of the frame the lane is receiving into the queue: held against the
     /// budget like a partial frame until its echo is flushed.
     lane_frame_bytes: usize,
+    /// The open message is uncompressed text: its frames' payloads are checked here as
+    /// they pass.
+    text_message: bool,
+    /// The masking key of the text frame whose payload is passing, and how many of its
+    /// payload bytes have passed (the key's phase).
+    text_frame: Option<([u8; 4], u64)>,
+    /// The end of the text passed so far when it stops inside a character: the next
+    /// bytes finish it.
+    utf8_tail: ([u8; 4], u8),
 }
 
 /// The limits of the fast lane (`fast_echo`) for one connection.
@@ -300,6 +313,9 @@ pub(crate) fn guard<S>(
         close_seen: false,
         carry: Vec::new(),
         lane_frame_bytes: 0,
+        text_message: false,
+        text_frame: None,
+        utf8_tail: ([0; 4], 0),
     };
     (guard, GuardHandle { shared, budget })
 }
@@ -346,6 +362,68 @@ impl<S> FrameGuard<S> {
         }
     }
 
+    /// Notes a whole header (`header`, mask included): whether the payload that follows
+    /// is text to check.
+    fn note_whole_header(&mut self, header: &[u8]) {
+        let (first, second) = (header[0], header[1]);
+        let compressed = first & 0x40 != 0;
+        let text = match first & 0x0F {
+            0x1 => {
+                self.text_message = !compressed;
+                self.utf8_tail.1 = 0;
+                !compressed
+            }
+            0x2 => {
+                self.text_message = false;
+                false
+            }
+            0x0 => self.text_message,
+            _ => false,
+        };
+        if first & 0x80 != 0 && first & 0x0F <= 0x2 {
+            // FIN on a data frame: the message ends with this frame.
+            self.text_message = false;
+        }
+        let masked = second & 0x80 != 0;
+        self.text_frame = (text && masked).then(|| {
+            let mask = header[header.len() - 4..]
+                .try_into()
+                .expect("invariant: a masked header ends with the 4-byte key");
+            (mask, 0)
+        });
+    }
+
+    /// Checks the next payload bytes of a text frame. `false` at the first byte that
+    /// cannot be UTF-8.
+    fn check_text(&mut self, masked: &[u8]) -> bool {
+        let Some((mask, passed)) = &mut self.text_frame else {
+            return true;
+        };
+        const CHUNK: usize = 256;
+        let mut scratch = [0u8; CHUNK + 4];
+        for piece in masked.chunks(CHUNK) {
+            let (tail, tail_len) = self.utf8_tail;
+            let tail_len = usize::from(tail_len);
+            scratch[..tail_len].copy_from_slice(&tail[..tail_len]);
+            let text = &mut scratch[..tail_len + piece.len()];
+            text[tail_len..].copy_from_slice(piece);
+            let phase = (*passed % 4) as usize;
+            let key = [0, 1, 2, 3].map(|i| mask[(phase + i) % 4]);
+            fast_echo::unmask(&mut text[tail_len..], key);
+            *passed += piece.len() as u64;
+            let rest = match std::str::from_utf8(text) {
+                Ok(_) => &[][..],
+                // A character cut here: kept for the next bytes.
+                Err(error) if error.error_len().is_none() => &text[error.valid_up_to()..],
+                Err(_) => return false,
+            };
+            let mut kept = [0; 4];
+            kept[..rest.len()].copy_from_slice(rest);
+            self.utf8_tail = (kept, rest.len() as u8);
+        }
+        true
+    }
+
     /// Follows the frame sequence through `bytes`. Returns the first refused header and
     /// its offset in `bytes` (0 if it started in an earlier read), or `None`.
     fn scan(&mut self, bytes: &[u8]) -> Option<(usize, Refusal)> {
@@ -359,11 +437,13 @@ impl<S> FrameGuard<S> {
                     Some(Err(refusal)) => return Some((index, refusal)),
                     Some(Ok((header_len, 0))) => {
                         self.note_header(bytes[index]);
+                        self.note_whole_header(&bytes[index..index + header_len]);
                         index += header_len;
                         continue;
                     }
                     Some(Ok((header_len, payload))) => {
                         self.note_header(bytes[index]);
+                        self.note_whole_header(&bytes[index..index + header_len]);
                         index += header_len;
                         self.frame_passed = header_len;
                         self.position = Position::Payload { remaining: payload };
@@ -372,11 +452,15 @@ impl<S> FrameGuard<S> {
                     None => {}
                 }
             }
-            // The header's first byte, noted once the borrow of `position` ends.
+            // The header's first byte, the whole header, and the payload bytes that
+            // passed, dealt with once the borrow of `position` ends.
             let mut noted = None;
+            let mut completed = None;
+            let mut payload_passed = None;
             match &mut self.position {
                 Position::Payload { remaining } => {
                     let step = (*remaining).min((bytes.len() - index) as u64);
+                    payload_passed = Some(index..index + step as usize);
                     *remaining -= step;
                     index += step as usize;
                     self.frame_passed += step as usize;
@@ -404,6 +488,7 @@ impl<S> FrameGuard<S> {
                         *need = 2 + extended + mask;
                     }
                     if *have == *need {
+                        completed = Some((*header, *need));
                         let payload = match header[1] & 0x7F {
                             126 => u64::from(u16::from_be_bytes([header[2], header[3]])),
                             127 => u64::from_be_bytes(
@@ -422,6 +507,15 @@ impl<S> FrameGuard<S> {
             }
             if let Some(first) = noted {
                 self.note_header(first);
+            }
+            if let Some((header, len)) = completed {
+                self.note_whole_header(&header[..len]);
+            }
+            if let Some(passed) = payload_passed {
+                let start = passed.start;
+                if !self.check_text(&bytes[passed]) {
+                    return Some((start, Refusal::InvalidUtf8));
+                }
             }
         }
         None
@@ -543,7 +637,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> FrameGuard<S> {
                         }
                     }
                     None if fast_echo::is_cut_small_frame(rest) => {
-                        this.carry.extend_from_slice(rest);
+                        if fast_echo::cut_text_is_invalid(rest) {
+                            this.shared
+                                .refusal
+                                .store(Refusal::InvalidUtf8 as u8, Ordering::Release);
+                        } else {
+                            this.carry.extend_from_slice(rest);
+                        }
                         carried = rest.len();
                     }
                     None => {}
@@ -956,6 +1056,56 @@ mod tests {
         client.read_exact(&mut out).await.unwrap();
         assert_eq!(&out[..4], &[0x81, 0, 0x81, 40]);
         assert_eq!(&out[44..], b"engine");
+    }
+
+    /// A masked frame with `payload` (masked here with the key [1, 2, 3, 4]).
+    fn frame_with(first: u8, payload: &[u8]) -> Vec<u8> {
+        let mut frame = frame(first & 0x0F, payload.len());
+        frame[0] = first;
+        let start = frame.len() - payload.len();
+        for (i, byte) in payload.iter().enumerate() {
+            frame[start + i] = byte ^ [1, 2, 3, 4][i % 4];
+        }
+        frame
+    }
+
+    /// Autobahn 6.4.3 in miniature: invalid UTF-8 inside a text fragment is refused
+    /// where it arrives, wherever the reads cut the frames, and valid text split at
+    /// every byte is not.
+    #[test]
+    fn invalid_text_is_refused_at_the_first_bad_byte() {
+        let mut sent = frame_with(0x01, "κόσμε".as_bytes());
+        let mut bad = "ab".as_bytes().to_vec();
+        bad.extend_from_slice(&[0xF4, 0x90, 0x80, 0x80]);
+        bad.extend_from_slice(b"edited");
+        let bad_frame = frame_with(0x80, &bad);
+        let bad_byte = sent.len() + 6 + 3; // header, "ab", 0xF4, then 0x90 is bad
+        sent.extend(bad_frame);
+        for split in 0..sent.len() {
+            let (mut guarded, _) = guard((), budget(1 << 30), None, None);
+            let (head, tail) = sent.split_at(split);
+            let refused = match guarded.scan(head) {
+                Some(refused) => Some(refused.1),
+                None => guarded.scan(tail).map(|refused| refused.1),
+            };
+            assert_eq!(refused, Some(Refusal::InvalidUtf8), "split at {split}");
+            let (mut guarded, _) = guard((), budget(1 << 30), None, None);
+            assert_eq!(
+                guarded.scan(&sent[..bad_byte]),
+                None,
+                "nothing is refused before the bad byte"
+            );
+        }
+        let mut good = frame_with(0x01, "κόσ".as_bytes());
+        good.extend(frame_with(0x89, b"ping"));
+        good.extend(frame_with(0x80, "με𝄞".as_bytes()));
+        good.extend(frame_with(0xC1, &[0xFF, 0xFE])); // compressed: not text on the wire
+        for split in 0..good.len() {
+            let (mut guarded, _) = guard((), budget(1 << 30), None, None);
+            let (head, tail) = good.split_at(split);
+            assert_eq!(guarded.scan(head), None, "split at {split}");
+            assert_eq!(guarded.scan(tail), None, "split at {split}");
+        }
     }
 
     #[test]

@@ -174,7 +174,8 @@ async fn client_that_never_reads_is_paused_then_dropped_at_the_stall_timeout() {
 }
 
 /// Found by the property tests: a message that fails
-/// (here invalid UTF-8) and, in the same read, a frame the guard refuses (here a reserved
+/// (then invalid UTF-8, which the frame guard now refuses itself; here a message over the
+/// size limit) and, in the same read, a frame the guard refuses (here a reserved
 /// opcode). The server sent Close 1007 and then waited for the client's Close on a stream
 /// the guard had stopped, whose reads wake themselves at once: a busy loop for the whole
 /// close timeout, which paused time can never end. Real time here, so that the bug fails
@@ -184,17 +185,18 @@ async fn failed_message_before_a_refused_frame_closes_at_once() {
     let settings = ws_echo::Settings {
         close_timeout: Duration::from_secs(60),
         ping_interval: None,
+        max_message_size: 10,
         ..Default::default()
     };
     let (_server, client) = in_memory(settings, 64 * 1024);
     let (mut client, _) = raw_handshake(client, "").await;
     client.patience = Duration::from_secs(5);
-    let invalid_text = encode_frame(true, false, 0x1, &[0xFF], true);
+    let too_big = encode_frame(true, false, 0x1, &[b'x'; 20], true);
     let reserved_opcode = encode_frame(true, false, 0x3, b"", true);
     client
-        .send_bytes(&[invalid_text, reserved_opcode].concat())
+        .send_bytes(&[too_big, reserved_opcode].concat())
         .await;
-    assert_eq!(client.expect_close().await.close_code(), 1007);
+    assert_eq!(client.expect_close().await.close_code(), 1009);
     client.expect_eof().await;
 }
 
@@ -205,13 +207,14 @@ async fn refused_frame_during_the_closing_handshake_ends_it_at_once() {
     let settings = ws_echo::Settings {
         close_timeout: Duration::from_secs(60),
         ping_interval: None,
+        max_message_size: 10,
         ..Default::default()
     };
     let (_server, client) = in_memory(settings, 64 * 1024);
     let (mut client, _) = raw_handshake(client, "").await;
     client.patience = Duration::from_secs(5);
-    client.send(true, 0x1, &[0xFF]).await;
-    assert_eq!(client.expect_close().await.close_code(), 1007);
+    client.send(true, 0x1, &[b'x'; 20]).await;
+    assert_eq!(client.expect_close().await.close_code(), 1009);
     client
         .send_bytes(&encode_frame(true, false, 0x3, b"", true))
         .await;
