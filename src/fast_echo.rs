@@ -205,14 +205,31 @@ impl Output {
     }
 
     /// Room to read the rest of the frame in progress into: the queue's spare capacity,
-    /// limited to the payload still to come. Call [`Output::frame_received`] after.
-    pub(crate) fn frame_buffer(&mut self) -> Option<bytes::buf::Limit<&mut BytesMut>> {
+    /// limited to the payload still to come plus `past_the_frame` bytes; and the payload
+    /// still to come. Then [`Output::surplus`] and [`Output::drop_surplus`] for what came
+    /// past the frame, and [`Output::frame_received`] for the rest.
+    pub(crate) fn frame_buffer(
+        &mut self,
+        past_the_frame: usize,
+    ) -> Option<(bytes::buf::Limit<&mut BytesMut>, usize)> {
         let remaining = self
             .frame
             .as_ref()
             .map(|frame| frame.len - frame.received)?;
-        self.bytes.reserve(remaining);
-        Some(bytes::BufMut::limit(&mut self.bytes, remaining))
+        self.bytes.reserve(remaining + past_the_frame);
+        let room = bytes::BufMut::limit(&mut self.bytes, remaining + past_the_frame);
+        Some((room, remaining))
+    }
+
+    /// The last `n` bytes read into the queue: those past the frame in progress, still
+    /// masked.
+    pub(crate) fn surplus(&self, n: usize) -> &[u8] {
+        &self.bytes[self.bytes.len() - n..]
+    }
+
+    /// Removes the last `n` bytes read into the queue.
+    pub(crate) fn drop_surplus(&mut self, n: usize) {
+        self.bytes.truncate(self.bytes.len() - n);
     }
 
     /// Unmasks and checks `n` payload bytes just appended to the frame in progress, and
@@ -634,7 +651,7 @@ mod tests {
             let mut progress = FrameProgress::Partial(0);
             for step in [3, 100, 1000] {
                 let end = (at + step).min(frame.len());
-                let mut room = out.frame_buffer().expect("a frame in progress");
+                let (mut room, _) = out.frame_buffer(0).expect("a frame in progress");
                 bytes::BufMut::put_slice(&mut room, &frame[at..end]);
                 progress = out.frame_received(end - at);
                 at = end;
@@ -658,7 +675,7 @@ mod tests {
             out.start_frame(&frame[..100], 1 << 20),
             Some(FrameProgress::Partial(100))
         );
-        let mut room = out.frame_buffer().expect("a frame in progress");
+        let (mut room, _) = out.frame_buffer(0).expect("a frame in progress");
         bytes::BufMut::put_slice(&mut room, &frame[100..250]);
         assert_eq!(out.frame_received(150), FrameProgress::InvalidUtf8);
         assert!(!out.frame_in_progress());
@@ -678,7 +695,7 @@ mod tests {
             out.start_frame(&frame[..11], 1 << 20),
             Some(FrameProgress::Partial(11))
         );
-        let mut room = out.frame_buffer().expect("a frame in progress");
+        let (mut room, _) = out.frame_buffer(0).expect("a frame in progress");
         bytes::BufMut::put_slice(&mut room, &frame[11..]);
         assert_eq!(out.frame_received(frame.len() - 11), FrameProgress::Done);
     }
