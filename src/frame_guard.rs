@@ -897,7 +897,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for FrameGuard<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt, duplex};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream, duplex};
 
     fn budget(bytes: usize) -> Arc<Semaphore> {
         Arc::new(Semaphore::new(bytes))
@@ -1062,16 +1062,22 @@ mod tests {
         assert_eq!(budget.available_permits(), 1 << 20);
     }
 
+    /// A client end and a guard with the fast lane on, over an in-memory stream.
+    fn with_lane() -> (DuplexStream, FrameGuard<DuplexStream>, GuardHandle) {
+        let lane = Lane {
+            max_payload: 1 << 20,
+            write_limit: 1 << 20,
+        };
+        let (client, server) = duplex(1 << 20);
+        let (guarded, handle) = guard(server, budget(1 << 30), None, Some(lane));
+        (client, guarded, handle)
+    }
+
     /// A small text frame split over two reads is echoed by the lane once whole, and
     /// the engine sees none of it.
     #[tokio::test]
     async fn a_small_frame_cut_by_a_read_is_carried_and_echoed() {
-        let lane = Lane {
-            max_payload: 1 << 20,
-            write_limit: 1 << 16,
-        };
-        let (mut client, server) = duplex(1 << 16);
-        let (mut guarded, handle) = guard(server, budget(1 << 30), None, Some(lane));
+        let (mut client, mut guarded, handle) = with_lane();
         let mut sent = frame(0x1, 0);
         let whole = sent.len();
         sent.extend(frame(0x1, 40));
@@ -1101,12 +1107,7 @@ mod tests {
     /// what the engine gets.
     #[tokio::test]
     async fn bytes_past_a_large_frame_are_handled_as_a_read_of_their_own() {
-        let lane = Lane {
-            max_payload: 1 << 20,
-            write_limit: 1 << 20,
-        };
-        let (mut client, server) = duplex(1 << 20);
-        let (mut guarded, handle) = guard(server, budget(1 << 30), None, Some(lane));
+        let (mut client, mut guarded, handle) = with_lane();
         let large = frame(0x2, 5_000);
         let small = frame(0x2, 10);
         let ping = frame(0x9, 3);
