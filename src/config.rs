@@ -194,7 +194,8 @@ pub struct Config {
     #[arg(long, env = "WS_ECHO_METRICS_LISTEN", value_name = "ADDR")]
     pub metrics_listen: Option<SocketAddr>,
 
-    /// Worker threads of the runtime; 0 uses one per core.
+    /// Worker threads of the runtime; 0 uses one per core (on one core, the
+    /// current-thread runtime).
     #[arg(
         long,
         env = "WS_ECHO_WORKER_THREADS",

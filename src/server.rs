@@ -84,7 +84,11 @@ pub async fn run(
     } else {
         ("http", "ws")
     };
-    info!(url = %format!("{http}://{local}/"), websocket = %format!("{ws}://{local}/ws"), "ws_echo listening");
+    let runtime = match tokio::runtime::Handle::current().runtime_flavor() {
+        tokio::runtime::RuntimeFlavor::CurrentThread => "current-thread",
+        _ => "multi-thread",
+    };
+    info!(url = %format!("{http}://{local}/"), websocket = %format!("{ws}://{local}/ws"), runtime, "ws_echo listening");
     if let Some((sha256, self_signed)) = &server.certificate {
         info!(%sha256, self_signed, "TLS certificate");
     }

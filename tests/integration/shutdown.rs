@@ -11,9 +11,27 @@ use crate::support::{ServerProcess, expect_close, recv};
 /// within the drain deadline.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_echoes_what_was_received_then_closes_with_1001() {
+    let server = ServerProcess::start(&["--shutdown-timeout", "5s"]);
+    assert!(server.first_line.contains(r#""runtime":"multi-thread""#));
+    echoes_everything_owed_then_closes_with_1001(server).await;
+}
+
+/// The same on one CPU, where the binary picks tokio's current-thread runtime.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_one_cpu_the_current_thread_runtime_echoes_and_drains_the_same() {
+    let server = ServerProcess::start_on_one_cpu(&["--shutdown-timeout", "5s"]);
+    assert!(
+        server.first_line.contains(r#""runtime":"current-thread""#),
+        "{}",
+        server.first_line
+    );
+    echoes_everything_owed_then_closes_with_1001(server).await;
+}
+
+/// 50 clients each write 20 messages, then SIGTERM: every echo, Close 1001, exit 0.
+async fn echoes_everything_owed_then_closes_with_1001(mut server: ServerProcess) {
     const CLIENTS: usize = 50;
     const MESSAGES: usize = 20;
-    let mut server = ServerProcess::start(&["--shutdown-timeout", "5s"]);
     let url = server.ws_url();
     let mut clients = Vec::new();
     for _ in 0..CLIENTS {

@@ -414,6 +414,8 @@ pub fn inflate(data: &[u8]) -> Vec<u8> {
 pub struct ServerProcess {
     pub child: std::process::Child,
     pub port: u16,
+    /// The "ws_echo listening" log line (JSON).
+    pub first_line: String,
 }
 
 impl ServerProcess {
@@ -424,8 +426,30 @@ impl ServerProcess {
 
     /// Starts `ws_echo` with `args` and the variables `env` set.
     pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::spawn(Self::command(args, env))
+    }
+
+    /// Starts `ws_echo` with `args` under `taskset -c 0`: a process allowed one CPU.
+    pub fn start_on_one_cpu(args: &[&str]) -> Self {
+        let server = Self::command(args, &[]);
+        let mut command = std::process::Command::new("taskset");
+        command
+            .args(["-c", "0"])
+            .arg(server.get_program())
+            .args(server.get_args());
+        for (name, value) in server.get_envs() {
+            match value {
+                Some(value) => command.env(name, value),
+                None => command.env_remove(name),
+            };
+        }
+        Self::spawn(command)
+    }
+
+    /// Spawns `command` and reads the port from its first log line.
+    fn spawn(mut command: std::process::Command) -> Self {
         use std::io::BufRead;
-        let mut child = Self::command(args, env)
+        let mut child = command
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::inherit())
             .spawn()
@@ -451,7 +475,11 @@ impl ServerProcess {
             ),
             None => std::io::copy(&mut reader, &mut std::io::sink()),
         });
-        Self { child, port }
+        Self {
+            child,
+            port,
+            first_line,
+        }
     }
 
     /// The binary on 127.0.0.1:0 with `args`, JSON logs, `env` set, and nothing from the
