@@ -497,22 +497,38 @@ impl<'a> EchoLoop<'a> {
             return (false, false);
         }
         let (echoed, queued, stalled) = self.guard.take_echoed();
-        if !echoed.is_empty() {
-            let Echoed { text, binary } = echoed;
-            for (kind, (messages, bytes)) in [(Kind::Text, text), (Kind::Binary, binary)] {
-                stats.messages_in += messages;
-                stats.bytes_in += bytes;
-                stats.messages_out += messages;
-                stats.bytes_out += bytes;
-                if messages > 0 {
-                    self.unpublished.add(kind, messages, bytes);
-                }
-            }
-            if self.settings.idle_timeout.is_some() {
-                self.last_message = Instant::now();
+        let Echoed { text, binary } = echoed;
+        for (kind, (messages, bytes)) in [(Kind::Text, text), (Kind::Binary, binary)] {
+            if messages > 0 {
+                self.count_echoes(stats, kind, messages, bytes);
             }
         }
         (queued, stalled)
+    }
+
+    /// Counts `messages` echoed messages of `kind` carrying `bytes` payload bytes, for
+    /// the closing log line and the metrics, and notes the activity for the idle timeout.
+    fn count_echoes(&mut self, stats: &mut Stats, kind: Kind, messages: u64, bytes: u64) {
+        stats.messages_in += messages;
+        stats.bytes_in += bytes;
+        stats.messages_out += messages;
+        stats.bytes_out += bytes;
+        self.unpublished.add(kind, messages, bytes);
+        if self.settings.idle_timeout.is_some() {
+            // Reading the clock costs ~40 instructions per echo; only the idle timeout
+            // needs it.
+            self.last_message = Instant::now();
+        }
+    }
+
+    /// Starts the stall timeout, if one is set and not already running: the client does
+    /// not take its echoes, so the loop has stopped reading from it.
+    fn note_stall(&mut self, timer: Pin<&mut Sleep>) {
+        if self.stalled_since.is_none() && self.settings.stall_timeout.is_some() {
+            trace!("client is not reading its echoes; reading paused");
+            self.stalled_since = Some(Instant::now());
+            timer.reset(self.next_deadline());
+        }
     }
 
     /// Hands `pending` to the guard's queue (data echoes of an uncompressed connection)
@@ -683,11 +699,7 @@ impl<'a> EchoLoop<'a> {
                     Poll::Pending => {
                         // The client is not reading: neither do we.
                         self.publish_counts();
-                        if self.stalled_since.is_none() && self.settings.stall_timeout.is_some() {
-                            trace!("client is not reading its echoes; reading paused");
-                            self.stalled_since = Some(Instant::now());
-                            timer.as_mut().reset(self.next_deadline());
-                        }
+                        self.note_stall(timer.as_mut());
                         if shutdown.as_mut().poll(cx).is_ready() {
                             return Poll::Ready(Event::Shutdown);
                         }
@@ -709,11 +721,7 @@ impl<'a> EchoLoop<'a> {
             let (queued, stalled) = self.take_lane_echoes(stats);
             self.unflushed |= queued;
             if stalled {
-                if self.stalled_since.is_none() && self.settings.stall_timeout.is_some() {
-                    trace!("client is not reading its echoes; reading paused");
-                    self.stalled_since = Some(Instant::now());
-                    timer.as_mut().reset(self.next_deadline());
-                }
+                self.note_stall(timer.as_mut());
             } else if self.pending.is_none() {
                 self.stalled_since = None;
             }
@@ -756,17 +764,7 @@ impl<'a> EchoLoop<'a> {
         match self.assembler.push(part, fin, frame.into_payload()) {
             Ok(None) => Next::Continue,
             Ok(Some((kind, payload))) => {
-                let len = payload.len() as u64;
-                stats.messages_in += 1;
-                stats.bytes_in += len;
-                stats.messages_out += 1;
-                stats.bytes_out += len;
-                self.unpublished.add(kind, 1, len);
-                if self.settings.idle_timeout.is_some() {
-                    // Reading the clock costs ~40 instructions per echo; only the idle
-                    // timeout needs it.
-                    self.last_message = Instant::now();
-                }
+                self.count_echoes(stats, kind, 1, payload.len() as u64);
                 log_message(kind, &payload);
                 // The echo is one frame, and its payload is shared with the received
                 // message, not copied.

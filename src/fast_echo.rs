@@ -102,13 +102,6 @@ pub(crate) struct Echoed {
     pub(crate) binary: (u64, u64),
 }
 
-impl Echoed {
-    /// Whether nothing was echoed.
-    pub(crate) fn is_empty(&self) -> bool {
-        self.text.0 == 0 && self.binary.0 == 0
-    }
-}
-
 impl Output {
     /// Bytes ready to be written and not written yet.
     pub(crate) fn unwritten(&self) -> usize {
@@ -533,7 +526,11 @@ mod tests {
                 binary: (1, 3)
             }
         );
-        assert!(out.take_echoed().is_empty(), "counts are taken once");
+        assert_eq!(
+            out.take_echoed(),
+            Echoed::default(),
+            "counts are taken once"
+        );
     }
 
     #[test]
