@@ -221,6 +221,17 @@ struct Shared {
 }
 
 impl Shared {
+    /// Stops the stream for `refusal`: nothing more is read, and the echo loop closes
+    /// with its code.
+    fn refuse(&self, refusal: Refusal) {
+        self.refusal.store(refusal as u8, Ordering::Release);
+    }
+
+    /// Whether the stream was stopped.
+    fn refused(&self) -> bool {
+        self.refusal.load(Ordering::Acquire) != 0
+    }
+
     fn output(&self) -> MutexGuard<'_, Output> {
         // Nothing panics while holding the lock (it guards plain buffer appends and a
         // write), so it is never poisoned; if it were, its data is still consistent.
@@ -350,9 +361,11 @@ fn whole_header(bytes: &[u8]) -> Option<Result<(usize, u64), Refusal>> {
 }
 
 impl<S> FrameGuard<S> {
-    /// Notes what a header means for the fast lane: whether a fragmented message is
-    /// open, and whether the client's Close has passed.
-    fn note_header(&mut self, first: u8) {
+    /// Notes a whole header (`header`, mask included): for the fast lane, whether a
+    /// fragmented message is open and whether the client's Close has passed; for the
+    /// text check, whether the payload that follows is text to check.
+    fn note_header(&mut self, header: &[u8]) {
+        let (first, second) = (header[0], header[1]);
         let fin = first & 0x80 != 0;
         match first & 0x0F {
             0x1 | 0x2 => self.message_open = !fin,
@@ -360,12 +373,6 @@ impl<S> FrameGuard<S> {
             0x8 => self.close_seen = true,
             _ => {}
         }
-    }
-
-    /// Notes a whole header (`header`, mask included): whether the payload that follows
-    /// is text to check.
-    fn note_whole_header(&mut self, header: &[u8]) {
-        let (first, second) = (header[0], header[1]);
         let compressed = first & 0x40 != 0;
         let text = match first & 0x0F {
             0x1 => {
@@ -380,7 +387,7 @@ impl<S> FrameGuard<S> {
             0x0 => self.text_message,
             _ => false,
         };
-        if first & 0x80 != 0 && first & 0x0F <= 0x2 {
+        if fin && first & 0x0F <= 0x2 {
             // FIN on a data frame: the message ends with this frame.
             self.text_message = false;
         }
@@ -436,14 +443,12 @@ impl<S> FrameGuard<S> {
                 match whole_header(&bytes[index..]) {
                     Some(Err(refusal)) => return Some((index, refusal)),
                     Some(Ok((header_len, 0))) => {
-                        self.note_header(bytes[index]);
-                        self.note_whole_header(&bytes[index..index + header_len]);
+                        self.note_header(&bytes[index..index + header_len]);
                         index += header_len;
                         continue;
                     }
                     Some(Ok((header_len, payload))) => {
-                        self.note_header(bytes[index]);
-                        self.note_whole_header(&bytes[index..index + header_len]);
+                        self.note_header(&bytes[index..index + header_len]);
                         index += header_len;
                         self.frame_passed = header_len;
                         self.position = Position::Payload { remaining: payload };
@@ -452,9 +457,8 @@ impl<S> FrameGuard<S> {
                     None => {}
                 }
             }
-            // The header's first byte, the whole header, and the payload bytes that
-            // passed, dealt with once the borrow of `position` ends.
-            let mut noted = None;
+            // The whole header and the payload bytes that passed, dealt with once the
+            // borrow of `position` ends.
             let mut completed = None;
             let mut payload_passed = None;
             match &mut self.position {
@@ -478,7 +482,6 @@ impl<S> FrameGuard<S> {
                         if let Some(refusal) = Refusal::check(header[0], header[1]) {
                             return Some((index.saturating_sub(2), refusal));
                         }
-                        noted = Some(header[0]);
                         let extended = match header[1] & 0x7F {
                             126 => 2,
                             127 => 8,
@@ -505,11 +508,8 @@ impl<S> FrameGuard<S> {
                     }
                 }
             }
-            if let Some(first) = noted {
-                self.note_header(first);
-            }
             if let Some((header, len)) = completed {
-                self.note_whole_header(&header[..len]);
+                self.note_header(&header[..len]);
             }
             if let Some(passed) = payload_passed {
                 let start = passed.start;
@@ -530,7 +530,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for FrameGuard<S> {
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
         loop {
-            if this.shared.refusal.load(Ordering::Acquire) != 0 {
+            if this.shared.refused() {
                 // Wake every time: the engine may poll twice with different wakers, and
                 // the echo loop checks the refusal as soon as the engine has no frame
                 // left, so this cannot spin.
@@ -555,7 +555,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for FrameGuard<S> {
             } else {
                 std::task::ready!(this.poll_read_once(cx, buf))?
             };
-            if delivered == 0 && this.shared.refusal.load(Ordering::Acquire) != 0 {
+            if delivered == 0 && this.shared.refused() {
                 // Returning no bytes would read as end of stream; the loop's top waits
                 // for the echo loop instead.
                 continue;
@@ -621,8 +621,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> FrameGuard<S> {
         let mut echoed = 0;
         let mut carried = 0;
         if let Some(lane) = this.lane {
-            let at_boundary = matches!(this.position, Position::Header { have: 0, .. });
-            if after > before && at_boundary && !this.message_open && !this.close_seen {
+            // At a frame boundary, outside a fragmented message, before any Close.
+            let lane_open = matches!(this.position, Position::Header { have: 0, .. })
+                && !this.message_open
+                && !this.close_seen;
+            if after > before && lane_open {
                 echoed = fast_echo::echo_whole_frames(
                     &buf.filled()[before..after],
                     &mut this.shared.output(),
@@ -637,7 +640,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> FrameGuard<S> {
             // A small frame cut by the end of the read waits here for its end, so that
             // it and the frames after it can take the lane on the next read instead of
             // the engine's path (pipelined messages rarely end where a read does).
-            let lane_open = at_boundary && !this.message_open && !this.close_seen;
             if fresh > 0 && lane_open && after > before {
                 let rest = &buf.filled()[before..after];
                 let started = this.shared.output().start_frame(rest, lane.max_payload);
@@ -646,21 +648,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> FrameGuard<S> {
                     // queue from now on (`poll_read_lane_frame`).
                     Some(progress) => {
                         carried = rest.len();
-                        this.lane_frame_bytes = match progress {
-                            FrameProgress::Partial(wire) => wire,
-                            FrameProgress::Done | FrameProgress::InvalidUtf8 => 0,
-                        };
-                        if progress == FrameProgress::InvalidUtf8 {
-                            this.shared
-                                .refusal
-                                .store(Refusal::InvalidUtf8 as u8, Ordering::Release);
-                        }
+                        this.note_frame_progress(progress);
                     }
                     None if fast_echo::is_cut_small_frame(rest) => {
                         if fast_echo::cut_text_is_invalid(rest) {
-                            this.shared
-                                .refusal
-                                .store(Refusal::InvalidUtf8 as u8, Ordering::Release);
+                            this.shared.refuse(Refusal::InvalidUtf8);
                         } else {
                             this.carry.extend_from_slice(rest);
                         }
@@ -676,7 +668,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> FrameGuard<S> {
         }
         let refused = this.scan(&buf.filled()[before..after]);
         if let Some((offset, refusal)) = refused {
-            this.shared.refusal.store(refusal as u8, Ordering::Release);
+            this.shared.refuse(refusal);
             buf.set_filled(before + offset);
         }
         let delivered = buf.filled().len() - before;
@@ -724,25 +716,32 @@ impl<S: AsyncRead + AsyncWrite + Unpin> FrameGuard<S> {
             output.drop_surplus(surplus);
         }
         let n = n - surplus;
-        self.lane_frame_bytes = match output.frame_received(n) {
-            FrameProgress::Partial(wire) => wire,
-            FrameProgress::Done => 0,
-            FrameProgress::InvalidUtf8 => {
-                self.shared
-                    .refusal
-                    .store(Refusal::InvalidUtf8 as u8, Ordering::Release);
-                // Nothing after the bad frame reaches the engine.
-                buf.set_filled(before);
-                0
-            }
-        };
+        let progress = output.frame_received(n);
         drop(output);
+        if progress == FrameProgress::InvalidUtf8 {
+            // Nothing after the bad frame reaches the engine.
+            buf.set_filled(before);
+        }
+        self.note_frame_progress(progress);
         self.charge(n);
-        if surplus > 0 && self.shared.refusal.load(Ordering::Acquire) == 0 {
+        if surplus > 0 && !self.shared.refused() {
             let (delivered, taken_out) = self.process_read(buf, before, 0, surplus);
             return Poll::Ready(Ok((delivered, n + taken_out)));
         }
         Poll::Ready(Ok((0, n)))
+    }
+
+    /// Notes how the frame the lane is receiving stands: the wire bytes it holds
+    /// against the budget, or the refusal of invalid text.
+    fn note_frame_progress(&mut self, progress: FrameProgress) {
+        self.lane_frame_bytes = match progress {
+            FrameProgress::Partial(wire) => wire,
+            FrameProgress::Done => 0,
+            FrameProgress::InvalidUtf8 => {
+                self.shared.refuse(Refusal::InvalidUtf8);
+                0
+            }
+        };
     }
 
     /// Adds `taken` bytes read to what this connection holds, and gives back permits
