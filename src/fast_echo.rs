@@ -370,29 +370,14 @@ pub(crate) fn echo_whole_frames(bytes: &[u8], out: &mut Output, max_payload: usi
         return 0;
     }
     let mut index = 0;
-    while let [first, second, ..] = bytes[index..] {
-        let kind = match first {
-            0x81 => Kind::Text,
-            0x82 => Kind::Binary,
-            _ => break,
-        };
-        if second & 0x80 == 0 {
-            // Unmasked: the engine fails the connection (RFC 6455 §5.1).
+    // Unmasked frames, among others, have no lane header: the engine fails them
+    // (RFC 6455 §5.1).
+    while let Some((kind, header_len, len)) = lane_header(&bytes[index..]) {
+        // 64-bit lengths are for messages far larger than one read.
+        if header_len == 2 + 8 + 4 || len > max_payload {
             break;
         }
-        let (extended, len) = match second & 0x7F {
-            126 => match bytes.get(index + 2..index + 4) {
-                Some(&[high, low]) => (2, usize::from(u16::from_be_bytes([high, low]))),
-                _ => break,
-            },
-            // 64-bit lengths are for messages far larger than one read.
-            127 => break,
-            short => (0, usize::from(short)),
-        };
-        if len > max_payload {
-            break;
-        }
-        let payload_start = index + 2 + extended + 4;
+        let payload_start = index + header_len;
         let Some(payload) = bytes.get(payload_start..payload_start + len) else {
             break;
         };
