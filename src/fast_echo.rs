@@ -434,7 +434,9 @@ pub(crate) fn is_cut_small_frame(rest: &[u8]) -> bool {
 /// 6.4.4 check for this "fail fast").
 pub(crate) fn cut_text_is_invalid(rest: &[u8]) -> bool {
     const HEADER: usize = 2 + 4;
-    if rest.first() != Some(&0x81) || rest.len() <= HEADER {
+    // Only a short-length header is 6 bytes: a cut 16-bit header has no payload yet.
+    let short_length = rest.get(1).is_some_and(|second| second & 0x7F <= 125);
+    if rest.first() != Some(&0x81) || !short_length || rest.len() <= HEADER {
         return false;
     }
     let mask: [u8; 4] = rest[2..HEADER]
@@ -722,6 +724,16 @@ mod tests {
         );
         let binary = client_frame(0x82, &[0xFF; 10]);
         assert!(!cut_text_is_invalid(&binary[..10]), "binary is not text");
+        // A 16-bit length header cut inside or just after it: its length bytes are not
+        // a masking key, nor its key a payload (unmasked with them, byte 6 reads 0x80).
+        let mut long = vec![0x81, 0x80 | 126, 0x01, 0xC0, 0, 0, 0x81, 0];
+        long.extend(vec![b'a'; 0x1C0]);
+        for cut in 0..9 {
+            assert!(
+                !cut_text_is_invalid(&long[..cut]),
+                "16-bit header cut at {cut}"
+            );
+        }
     }
 
     #[test]
