@@ -38,7 +38,7 @@ use axum::{
 use futures_util::{FutureExt, SinkExt};
 use hyper_util::rt::TokioIo;
 use tokio::time::{Instant, Sleep, sleep_until, timeout};
-use tracing::{Instrument, debug, info, info_span, trace, warn};
+use tracing::{Instrument, Span, debug, info, info_span, trace, warn};
 use yawc::{
     CompressionLevel, DeflatePool, Frame, OpCode, Options, Role, WebSocket, WebSocketError,
     close::CloseCode, streaming::Streaming,
@@ -199,9 +199,34 @@ pub(crate) async fn upgrade(State(state): State<AppState>, mut request: Request)
     let span = info_span!("ws", id, peer = %peer.map_or_else(|| "-".into(), |p| p.to_string()), http_version = ?request.version());
     // One async fn is the whole task: an `async` block around a call would keep a
     // second slot for every value it moves in, per idle connection.
-    state
-        .tracker
-        .spawn(serve(on_upgrade, accepted, greeting, state.clone(), admission).instrument(span));
+    //
+    // Entering a span costs ~290 instructions per poll (the registry's span stack and
+    // the filter's bookkeeping), a tenth of an echo (callgrind W1). Past the handshake
+    // the loop and the engine log only at debug and trace levels, so unless one of
+    // those is on anywhere, the task runs outside its span and enters it only for its
+    // own log lines; the output is the same.
+    if tracing::level_filters::LevelFilter::current() >= tracing::Level::DEBUG {
+        state.tracker.spawn(
+            serve(
+                on_upgrade,
+                accepted,
+                greeting,
+                state.clone(),
+                admission,
+                Span::none(),
+            )
+            .instrument(span),
+        );
+    } else {
+        state.tracker.spawn(serve(
+            on_upgrade,
+            accepted,
+            greeting,
+            state.clone(),
+            admission,
+            span,
+        ));
+    }
     response
 }
 
@@ -228,18 +253,20 @@ enum Ending {
     Dropped(String),
 }
 
-/// Runs one WebSocket to its end and logs the result.
+/// Runs one WebSocket to its end and logs the result. Its log lines are written in
+/// `span`, which is `Span::none()` when the whole task runs in the connection's span.
 async fn serve(
     on_upgrade: hyper::upgrade::OnUpgrade,
     accepted: handshake::Accepted,
     greeting: Option<String>,
     state: AppState,
     admission: Admission,
+    span: Span,
 ) {
     let io = match on_upgrade.await {
         Ok(upgraded) => TokioIo::new(upgraded),
         Err(error) => {
-            debug!(%error, "upgrade did not complete");
+            span.in_scope(|| debug!(%error, "upgrade did not complete"));
             return;
         }
     };
@@ -272,14 +299,16 @@ async fn serve(
         Err(error) => {
             // Unreachable with our own negotiation: the options enable compression
             // whenever we agree to it. Logged, not panicked, all the same.
-            warn!(%error, "engine refused the negotiated extensions");
+            span.in_scope(|| warn!(%error, "engine refused the negotiated extensions"));
             return;
         }
     };
-    info!(
-        subprotocol = accepted.subprotocol.as_deref().unwrap_or("-"),
-        compressed, "connection opened"
-    );
+    span.in_scope(|| {
+        info!(
+            subprotocol = accepted.subprotocol.as_deref().unwrap_or("-"),
+            compressed, "connection opened"
+        );
+    });
     let mut stats = Stats::default();
     state.metrics.connections_open.inc();
     // The loop is built inside a block: rustc keeps the slot of a local that was
@@ -320,18 +349,20 @@ async fn serve(
         Ending::ProtocolError(1009, _) => state.metrics.limit_drop(Limit::MessageSize),
         _ => {}
     }
-    info!(
-        duration_ms,
-        messages_in = stats.messages_in,
-        bytes_in = stats.bytes_in,
-        messages_out = stats.messages_out,
-        bytes_out = stats.bytes_out,
-        close_code = code,
-        subprotocol,
-        compressed,
-        detail = %detail,
-        "connection closed: {how}"
-    );
+    span.in_scope(|| {
+        info!(
+            duration_ms,
+            messages_in = stats.messages_in,
+            bytes_in = stats.bytes_in,
+            messages_out = stats.messages_out,
+            bytes_out = stats.bytes_out,
+            close_code = code,
+            subprotocol,
+            compressed,
+            detail = %detail,
+            "connection closed: {how}"
+        );
+    });
 }
 
 /// What the loop does after a frame.

@@ -15,6 +15,7 @@ mod handshake;
 mod hello;
 mod http2;
 mod limits;
+mod logs;
 mod metrics;
 mod properties;
 mod shutdown;

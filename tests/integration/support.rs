@@ -416,6 +416,8 @@ pub struct ServerProcess {
     pub port: u16,
     /// The "ws_echo listening" log line (JSON).
     pub first_line: String,
+    /// The log lines after the first, as a thread reads them.
+    lines: std::sync::mpsc::Receiver<String>,
 }
 
 impl ServerProcess {
@@ -468,17 +470,48 @@ impl ServerProcess {
             .unwrap_or_else(|| panic!("no listening URL in {first_line:?}"));
         // Keep draining the log so the server never blocks on a full pipe; keep it in a
         // file when WS_ECHO_TEST_LOG names one (for debugging a failing test).
-        std::thread::spawn(move || match std::env::var_os("WS_ECHO_TEST_LOG") {
-            Some(path) => std::io::copy(
-                &mut reader,
-                &mut std::fs::File::create(path).expect("log file"),
-            ),
-            None => std::io::copy(&mut reader, &mut std::io::sink()),
+        let (send, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::Write;
+            let mut copy = std::env::var_os("WS_ECHO_TEST_LOG")
+                .map(|path| std::fs::File::create(path).expect("log file"));
+            for line in reader.lines() {
+                let Ok(line) = line else { break };
+                if let Some(file) = copy.as_mut() {
+                    let _ = writeln!(file, "{line}");
+                }
+                // Lines no test reads wait in the channel (a few per connection)
+                // until the process handle is dropped.
+                if send.send(line).is_err() {
+                    break;
+                }
+            }
         });
         Self {
             child,
             port,
             first_line,
+            lines,
+        }
+    }
+
+    /// The next log line whose message contains `needle`, parsed; panics after [`STEP`].
+    pub fn next_line_with(&self, needle: &str) -> serde_json::Value {
+        let deadline = std::time::Instant::now() + STEP;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let line = self
+                .lines
+                .recv_timeout(left)
+                .unwrap_or_else(|error| panic!("no log line with {needle:?}: {error}"));
+            let parsed: serde_json::Value =
+                serde_json::from_str(&line).unwrap_or_else(|_| panic!("not JSON: {line}"));
+            if parsed["fields"]["message"]
+                .as_str()
+                .is_some_and(|message| message.contains(needle))
+            {
+                return parsed;
+            }
         }
     }
 
