@@ -20,8 +20,7 @@
 //! queued, and the loop stops reading that client: TCP backpressure, bounded memory.
 
 use std::{
-    future::{Future, poll_fn},
-    pin::Pin,
+    future::poll_fn,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -37,7 +36,7 @@ use axum::{
 };
 use futures_util::{FutureExt, SinkExt};
 use hyper_util::rt::TokioIo;
-use tokio::time::{Instant, Sleep, sleep_until, timeout};
+use tokio::time::{Instant, sleep_until, timeout};
 use tracing::{Instrument, Span, debug, info, info_span, trace, warn};
 use yawc::{
     CompressionLevel, DeflatePool, Frame, OpCode, Options, Role, WebSocket, WebSocketError,
@@ -53,6 +52,7 @@ use crate::{
     handshake, hello,
     limits::{Admission, Full},
     metrics::{EchoCounters, HandshakeResult, Limit, Metrics, Side},
+    waits::{Waits, Woken},
 };
 
 /// Longest text payload shown in a debug log line; longer ones are shortened.
@@ -389,6 +389,15 @@ enum Event {
     Timer,
 }
 
+impl From<Woken> for Event {
+    fn from(woken: Woken) -> Self {
+        match woken {
+            Woken::Shutdown => Event::Shutdown,
+            Woken::Timer => Event::Timer,
+        }
+    }
+}
+
 /// The state of one connection's echo loop.
 struct EchoLoop<'a> {
     settings: &'a Settings,
@@ -554,11 +563,11 @@ impl<'a> EchoLoop<'a> {
 
     /// Starts the stall timeout, if one is set and not already running: the client does
     /// not take its echoes, so the loop has stopped reading from it.
-    fn note_stall(&mut self, timer: Pin<&mut Sleep>) {
+    fn note_stall(&mut self, waits: &mut Waits<'_, '_>) {
         if self.stalled_since.is_none() && self.settings.stall_timeout.is_some() {
             trace!("client is not reading its echoes; reading paused");
             self.stalled_since = Some(Instant::now());
-            timer.reset(self.next_deadline());
+            waits.reset_timer(self.next_deadline());
         }
     }
 
@@ -656,18 +665,17 @@ impl<'a> EchoLoop<'a> {
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
-        let shutdown = shutdown.cancelled();
-        tokio::pin!(shutdown);
+        let cancelled = shutdown.cancelled();
+        tokio::pin!(cancelled);
         let timer = sleep_until(self.next_deadline());
         tokio::pin!(timer);
+        let mut waits = Waits::new(shutdown, cancelled, timer);
         // A task is as large as its largest await, for all of its life. The closing
         // paths (`Box::pin` here and in `on_frame` and `on_timer`) are boxed so that
         // their state is allocated when a connection closes instead of being carried
         // by every idle one: the task shrinks from 2,448 to 2,056 bytes.
         loop {
-            let event = self
-                .next_event(ws, stats, shutdown.as_mut(), timer.as_mut())
-                .await;
+            let event = self.next_event(ws, stats, &mut waits).await;
             match event {
                 Event::Frame(Ok(frame)) => match self.on_frame(frame, stats) {
                     Next::Continue => {}
@@ -698,7 +706,7 @@ impl<'a> EchoLoop<'a> {
                     if let Some(ending) = self.on_timer(ws).await {
                         return ending;
                     }
-                    timer.as_mut().reset(self.next_deadline());
+                    waits.reset_timer(self.next_deadline());
                 }
             }
         }
@@ -709,16 +717,15 @@ impl<'a> EchoLoop<'a> {
         &mut self,
         ws: &mut Streaming<S>,
         stats: &mut Stats,
-        mut shutdown: Pin<&mut impl Future<Output = ()>>,
-        mut timer: Pin<&mut Sleep>,
+        waits: &mut Waits<'_, '_>,
     ) -> Event
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
-        // Shutdown is checked only where the loop would wait, not before every frame
-        // (polling the token cost ~170 instructions per echo): a connection with input
-        // buffered echoes it first, which the drain does anyway, and the runtime's
-        // cooperative budget makes even a flooding client's read wait now and then.
+        // Shutdown is checked only where the loop would wait, not before every frame: a
+        // connection with input buffered echoes it first, which the drain does anyway,
+        // and the runtime's cooperative budget makes even a flooding client's read wait
+        // now and then.
         poll_fn(|cx| {
             if self.pending.is_some() {
                 match self.poll_send_pending(ws, cx) {
@@ -730,14 +737,8 @@ impl<'a> EchoLoop<'a> {
                     Poll::Pending => {
                         // The client is not reading: neither do we.
                         self.publish_counts();
-                        self.note_stall(timer.as_mut());
-                        if shutdown.as_mut().poll(cx).is_ready() {
-                            return Poll::Ready(Event::Shutdown);
-                        }
-                        return match timer.as_mut().poll(cx) {
-                            Poll::Ready(()) => Poll::Ready(Event::Timer),
-                            Poll::Pending => Poll::Pending,
-                        };
+                        self.note_stall(waits);
+                        return waits.poll(cx).map(Event::from);
                     }
                 }
             }
@@ -752,7 +753,7 @@ impl<'a> EchoLoop<'a> {
             let (queued, stalled) = self.take_lane_echoes(stats);
             self.unflushed |= queued;
             if stalled {
-                self.note_stall(timer.as_mut());
+                self.note_stall(waits);
             } else if self.pending.is_none() {
                 self.stalled_since = None;
             }
@@ -770,13 +771,7 @@ impl<'a> EchoLoop<'a> {
                 // count against the read budget.
                 self.guard.release_delivered();
             }
-            if shutdown.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Event::Shutdown);
-            }
-            match timer.as_mut().poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Event::Timer),
-                Poll::Pending => Poll::Pending,
-            }
+            waits.poll(cx).map(Event::from)
         })
         .await
     }

@@ -59,6 +59,7 @@ mod page;
 mod server;
 mod shutdown;
 mod tls;
+mod waits;
 
 pub use config::{CompressionSettings, Config, LogFormat, Settings, SubprotocolPolicy};
 pub use error::Error;
