@@ -29,6 +29,10 @@
 //! On uncompressed connections the guard is also where `fast_echo` works: it echoes the
 //! whole small messages of each read into the connection's output queue before the
 //! engine sees the rest, and writes that queue out before anything the engine writes.
+//! Reads at a frame boundary land in a buffer each thread shares among its connections
+//! ([`SCRATCH_SIZE`], the event loop's buffer of uWebSockets), not in the engine's small
+//! one, so a message of up to 64 KiB takes one `recv`; what the engine gets from such a
+//! read waits in a backlog for the room its buffer offers.
 
 use std::{
     io,
@@ -40,6 +44,7 @@ use std::{
     task::{Context, Poll},
 };
 
+use bytes::{Buf, BytesMut};
 use prometheus_client::metrics::counter::Counter;
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
@@ -61,6 +66,24 @@ pub(crate) const FREE_ALLOWANCE: usize = 64 * 1024;
 
 /// Most bytes read at once past the allowance: the unit taken from the budget.
 const BUDGET_CHUNK: usize = 64 * 1024;
+
+/// Size of the buffer the fast lane reads into (see [`FrameGuard::poll_read_scratch`]).
+const SCRATCH_SIZE: usize = 64 * 1024;
+
+/// The smallest read worth taking through the scratch buffer: below this much room
+/// in its allowance a connection reads into the engine's buffer, under the budget.
+const MIN_SCRATCH_READ: usize = 4 * 1024;
+
+thread_local! {
+    /// The fast lane's read buffer, one per thread and shared by every connection the
+    /// thread runs: a read lands here and is taken apart before the read returns
+    /// (echoes to the output queue, a large frame's start to the queue, the rest to
+    /// the engine or the backlog), so nothing stays. Idle connections hold no read
+    /// buffer of their own beyond the engine's small one. Allocated on first use and
+    /// never zeroed; only the pages reads have reached are resident.
+    static SCRATCH: std::cell::RefCell<Box<[std::mem::MaybeUninit<u8>]>> =
+        std::cell::RefCell::new(Box::new_uninit_slice(SCRATCH_SIZE));
+}
 
 /// A frame header the guard refused, with the reason sent in the Close frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -174,6 +197,10 @@ pub(crate) struct FrameGuard<S> {
     /// Wire bytes of the frame the lane is receiving into the queue: held against the
     /// budget like a partial frame until its echo is flushed.
     lane_frame_bytes: usize,
+    /// Bytes for the engine that a scratch read brought beyond the room in its buffer,
+    /// already scanned and charged: handed over before anything else is read. Empty
+    /// and unallocated at rest.
+    backlog: BytesMut,
     /// The open message is uncompressed text: its frames' payloads are checked here as
     /// they pass.
     text_message: bool,
@@ -324,6 +351,7 @@ pub(crate) fn guard<S>(
         close_seen: false,
         carry: Vec::new(),
         lane_frame_bytes: 0,
+        backlog: BytesMut::new(),
         text_message: false,
         text_frame: None,
         utf8_tail: ([0; 4], 0),
@@ -529,6 +557,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for FrameGuard<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
+        // Bytes already read and scanned go first, even past a refusal: they came before
+        // the refused header.
+        if !this.backlog.is_empty() && buf.remaining() > 0 {
+            let handed = this.backlog.len().min(buf.remaining());
+            buf.put_slice(&this.backlog[..handed]);
+            this.backlog.advance(handed);
+            if this.backlog.is_empty() {
+                this.backlog = BytesMut::new();
+            }
+            this.note_partial();
+            return Poll::Ready(Ok(()));
+        }
         loop {
             if this.shared.refused() {
                 // Wake every time: the engine may poll twice with different wakers, and
@@ -582,6 +622,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> FrameGuard<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<(usize, usize)>> {
         let this = self;
+        if this.carry.is_empty()
+            && buf.remaining() > 0
+            && buf.remaining() < SCRATCH_SIZE
+            && this.lane_open()
+        {
+            if let Some(read) = this.poll_read_scratch(cx, buf) {
+                return read;
+            }
+        }
         let before = buf.filled().len();
         let prepended = this.carry.len().min(buf.remaining());
         if prepended > 0 {
@@ -621,10 +670,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> FrameGuard<S> {
         let mut echoed = 0;
         let mut carried = 0;
         if let Some(lane) = this.lane {
-            // At a frame boundary, outside a fragmented message, before any Close.
-            let lane_open = matches!(this.position, Position::Header { have: 0, .. })
-                && !this.message_open
-                && !this.close_seen;
+            let lane_open = this.lane_open();
             if after > before && lane_open {
                 echoed = fast_echo::echo_whole_frames(
                     &buf.filled()[before..after],
@@ -680,6 +726,59 @@ impl<S: AsyncRead + AsyncWrite + Unpin> FrameGuard<S> {
         // small frame, are given back with the delivered ones: within the allowance.)
         this.charge((delivered + echoed + carried).saturating_sub(prepended));
         (delivered, echoed + carried)
+    }
+
+    /// Whether the next bytes may take the fast lane: it is on, and the guard is at a
+    /// frame boundary, outside a fragmented message, before any Close.
+    fn lane_open(&self) -> bool {
+        self.lane.is_some()
+            && matches!(self.position, Position::Header { have: 0, .. })
+            && !self.message_open
+            && !self.close_seen
+    }
+
+    /// One read into the thread's scratch buffer instead of the engine's buffer, which
+    /// is small (it is every idle connection's): a 16 KiB message then arrives in one
+    /// `recv` instead of two (384 bytes, then the rest straight into the queue). The
+    /// read is then processed as any read (`process_read`): whole small messages echoed,
+    /// a larger frame's start moved to the queue, a cut small frame carried. What is
+    /// left for the engine goes into `buf` as far as it has room and into the backlog
+    /// after that. `None` (nothing read) when the connection has too little allowance
+    /// left for a worthwhile read without taking from the budget, or when the thread's
+    /// buffer is in use; the caller reads into `buf` then.
+    fn poll_read_scratch(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Option<Poll<io::Result<(usize, usize)>>> {
+        let covered = self.covered();
+        if covered < MIN_SCRATCH_READ {
+            return None;
+        }
+        SCRATCH.with(|scratch| {
+            let mut scratch = scratch.try_borrow_mut().ok()?;
+            let room = covered.min(scratch.len());
+            let mut read = ReadBuf::uninit(&mut scratch[..room]);
+            match Pin::new(&mut self.inner).poll_read(cx, &mut read) {
+                Poll::Ready(Ok(())) => {}
+                other => return Some(other.map_ok(|()| (0, 0))),
+            }
+            let fresh = read.filled().len();
+            if fresh == 0 {
+                // The end of the stream: the engine reads it as such.
+                return Some(Poll::Ready(Ok((0, 0))));
+            }
+            let (delivered, taken_out) = self.process_read(&mut read, 0, 0, fresh);
+            let handed = delivered.min(buf.remaining());
+            buf.put_slice(&read.filled()[..handed]);
+            if handed < delivered {
+                self.backlog
+                    .extend_from_slice(&read.filled()[handed..delivered]);
+                self.note_partial();
+            }
+            // The backlog counts as taken out: `buf` may have had no room for any of it.
+            Some(Poll::Ready(Ok((handed, taken_out + (delivered - handed)))))
+        })
     }
 
     /// Reads the payload of the frame the lane is receiving straight into the queue,
@@ -744,13 +843,29 @@ impl<S: AsyncRead + AsyncWrite + Unpin> FrameGuard<S> {
         };
     }
 
+    /// Records the bytes among those held that the echo loop's release must keep: the
+    /// frame in progress (passed to the engine or received into the queue) and the
+    /// backlog. The two can overlap (a frame's start in the backlog), so the larger is
+    /// kept rather than the sum, which could exceed what is held.
+    fn note_partial(&self) {
+        let in_frame = self.frame_passed + self.lane_frame_bytes;
+        self.shared
+            .partial
+            .store(in_frame.max(self.backlog.len()), Ordering::Relaxed);
+    }
+
+    /// What this connection may read without taking more from the budget.
+    fn covered(&self) -> usize {
+        let held = self.shared.held.load(Ordering::Relaxed);
+        let acquired = self.shared.acquired.load(Ordering::Relaxed);
+        (FREE_ALLOWANCE + acquired).saturating_sub(held)
+    }
+
     /// Adds `taken` bytes read to what this connection holds, and gives back permits
     /// taken for bytes that did not come.
     fn charge(&mut self, taken: usize) {
         let held = self.shared.held.fetch_add(taken, Ordering::Relaxed) + taken;
-        self.shared
-            .partial
-            .store(self.frame_passed + self.lane_frame_bytes, Ordering::Relaxed);
+        self.note_partial();
         let needed = held.saturating_sub(FREE_ALLOWANCE);
         let acquired = self.shared.acquired.load(Ordering::Relaxed);
         if acquired > needed {
@@ -766,10 +881,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> FrameGuard<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self;
-        let held = this.shared.held.load(Ordering::Relaxed);
-        let acquired = this.shared.acquired.load(Ordering::Relaxed);
-        // What may be read without taking more from the budget.
-        let covered = (FREE_ALLOWANCE + acquired).saturating_sub(held);
+        let covered = this.covered();
         // When the budget has room for all the engine's spare capacity (it does unless
         // the server is under memory pressure), take it for this read only and read
         // straight into that capacity; what does not come goes back below, and all of
@@ -1124,6 +1236,116 @@ mod tests {
         let (echoed, queued, _) = handle.take_echoed();
         assert_eq!(echoed.binary, (2, 5_010));
         assert!(queued);
+    }
+
+    /// A 16 KiB message arrives in one read into the scratch buffer, not in a first
+    /// read the size of the engine's small buffer and a second for the rest: it is
+    /// echoed whole although the engine offered 384 bytes, and nothing reaches it.
+    #[tokio::test]
+    async fn a_large_message_is_read_at_once_through_the_scratch_buffer() {
+        let (mut client, mut guarded, handle) = with_lane();
+        let message = frame(0x2, 16 * 1024);
+        client.write_all(&message).await.unwrap();
+        let mut engine_buffer = vec![0; 384];
+        let mut engine_read = ReadBuf::new(&mut engine_buffer);
+        let read = std::future::poll_fn(|cx| {
+            Poll::Ready(Pin::new(&mut guarded).poll_read_once(cx, &mut engine_read))
+        })
+        .await;
+        assert!(
+            matches!(read, Poll::Ready(Ok((0, taken))) if taken == message.len()),
+            "one read took the whole frame: {read:?}"
+        );
+        assert_eq!(handle.take_echoed().0.binary, (1, 16 * 1024));
+        assert_eq!(handle.held(), message.len(), "charged until flushed");
+    }
+
+    /// Bytes for the engine beyond the room in its buffer wait in the backlog, are
+    /// handed over in order before anything else is read, and stay charged meanwhile.
+    #[tokio::test]
+    async fn what_the_engine_has_no_room_for_waits_in_the_backlog() {
+        let (mut client, mut guarded, handle) = with_lane();
+        // The lane echoes the first frame; the fragmented message and the frames after
+        // it go to the engine (the lane stops at the first frame it declines).
+        let echoed = frame(0x1, 5);
+        let mut declined = frame_with(0x01, &[b'a'; 300]);
+        declined.extend(frame_with(0x80, &[b'b'; 300]));
+        declined.extend(frame(0x9, 125));
+        declined.extend(frame(0x2, 7));
+        client
+            .write_all(&[&echoed[..], &declined[..]].concat())
+            .await
+            .unwrap();
+        let mut received = Vec::new();
+        let mut chunk = vec![0; 100];
+        while received.len() < declined.len() {
+            let n = guarded.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "the stream goes on");
+            received.extend_from_slice(&chunk[..n]);
+            if received.len() < declined.len() {
+                assert!(handle.held() >= declined.len() - received.len());
+                handle.release_delivered();
+                assert!(
+                    handle.held() >= declined.len() - received.len(),
+                    "the backlog stays charged"
+                );
+            }
+        }
+        assert_eq!(received, declined);
+        assert_eq!(handle.take_echoed().0.text, (1, 5));
+        assert_eq!(handle.occurred(), None);
+        // A read after the backlog waits for the socket.
+        let wait = std::time::Duration::from_millis(50);
+        let read = tokio::time::timeout(wait, guarded.read(&mut chunk)).await;
+        assert!(read.is_err(), "nothing more to read");
+    }
+
+    /// Frames passed to the engine before a refused header are handed over from the
+    /// backlog even though the guard has stopped the stream; nothing after it is.
+    #[tokio::test]
+    async fn the_backlog_before_a_refused_header_is_still_handed_over() {
+        let (mut client, mut guarded, handle) = with_lane();
+        let mut declined = frame(0x9, 125);
+        declined.extend(frame(0x9, 125));
+        let reserved_opcode = frame(0x3, 1);
+        client
+            .write_all(&[&declined[..], &reserved_opcode[..], &frame(0x1, 1)[..]].concat())
+            .await
+            .unwrap();
+        let mut received = Vec::new();
+        let mut chunk = vec![0; 64];
+        let wait = std::time::Duration::from_millis(50);
+        while received.len() < declined.len() {
+            let n = tokio::time::timeout(wait, guarded.read(&mut chunk))
+                .await
+                .expect("the frames before the refused header come")
+                .unwrap();
+            assert!(n > 0, "the stream goes on until the refused header");
+            received.extend_from_slice(&chunk[..n]);
+        }
+        assert_eq!(received, declined);
+        assert_eq!(handle.occurred(), Some(Refusal::ReservedOpcode));
+        let read = tokio::time::timeout(wait, guarded.read(&mut chunk)).await;
+        assert!(read.is_err(), "nothing after the refused header");
+    }
+
+    /// A connection with less than `MIN_SCRATCH_READ` left of its allowance reads into
+    /// the engine's buffer, under the budget, as before.
+    #[tokio::test]
+    async fn a_connection_near_its_allowance_reads_into_the_engine_buffer() {
+        let (mut client, mut guarded, handle) = with_lane();
+        guarded.charge(FREE_ALLOWANCE - 100);
+        let ping = frame(0x9, 125);
+        client.write_all(&ping).await.unwrap();
+        let mut chunk = vec![0; 64];
+        let n = guarded.read(&mut chunk).await.unwrap();
+        assert_eq!(
+            &chunk[..n],
+            &ping[..64],
+            "one engine-sized read, nothing more"
+        );
+        assert!(guarded.backlog.is_empty());
+        assert_eq!(handle.held(), FREE_ALLOWANCE - 100 + 64);
     }
 
     /// A masked frame with `payload` (masked here with the key [1, 2, 3, 4]).
