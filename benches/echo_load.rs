@@ -349,7 +349,7 @@ fn print_header(args: &Args, pinned: bool, nofile: u64) {
         }
     );
     println!(
-        "servers: `prlimit --nofile={nofile}:{nofile} taskset -c {}`, default multi-thread tokio runtime",
+        "servers: `prlimit --nofile={nofile}:{nofile} taskset -c {}`, each with its default runtime on one CPU (ws_echo: current-thread; tokio::main: multi-thread, one worker)",
         servers::SERVER_CPU
     );
     println!(
