@@ -612,10 +612,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for FrameGuard<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> FrameGuard<S> {
-    /// One read into `buf`, charged to the budget, behind the bytes carried from the
-    /// last read; the fast lane's echoes taken out, a small frame cut at the end carried
-    /// to the next read, the rest scanned. Returns the bytes delivered in `buf` and the
-    /// bytes taken out (echoed or carried).
+    /// One read into `buf` (or, where the lane may take what comes, into the thread's
+    /// scratch buffer: `poll_read_scratch`), charged to the budget, behind the bytes
+    /// carried from the last read; the fast lane's echoes taken out, a small frame cut
+    /// at the end carried to the next read, the rest scanned. Returns the bytes
+    /// delivered in `buf` and the bytes taken out (echoed, carried or in the backlog).
     fn poll_read_once(
         &mut self,
         cx: &mut Context<'_>,
