@@ -8,15 +8,12 @@
 //! `tests/browser.rs`. Without `/usr/bin/chromium` this fails under CI and skips loudly
 //! elsewhere.
 
-use std::{
-    io::{BufRead, BufReader},
-    process::{Child, Command, Stdio},
+use serde_json::json;
+
+use crate::{
+    chromium::{Browser, Result, chromium_or_skip},
+    support::ServerProcess,
 };
-
-use serde_json::{Value, json};
-use tokio::{sync::mpsc, time::Instant};
-
-use crate::chromium::{Browser, DEADLINE, Result, chromium_or_skip};
 
 /// Resolves once the page's own socket is open. The page keeps it in `window.wsEcho`
 /// or in a top-level `socket`, depending on its version; either will do.
@@ -48,7 +45,8 @@ async fn chromium_echoes_over_wss_using_http2_extended_connect() -> Result<()> {
     if !chromium_or_skip() {
         return Ok(());
     }
-    let mut server = Server::start();
+    // A self-signed certificate and JSON debug logs, which show every message.
+    let mut server = ServerProcess::start(&["--tls-self-signed", "--log-level", "debug"]);
     // The certificate is self-signed: the point here is HTTP/2, not trust.
     let browser = Browser::launch(&["--ignore-certificate-errors"]).await?;
     let mut page = browser.open_page().await?;
@@ -92,72 +90,4 @@ async fn chromium_echoes_over_wss_using_http2_extended_connect() -> Result<()> {
     assert_eq!(opened["span"]["http_version"], "HTTP/2.0", "{opened}");
     assert_eq!(opened["fields"]["compressed"], true, "{opened}");
     Ok(())
-}
-
-/// The `ws_echo` binary with a self-signed certificate and JSON debug logs; killed on
-/// drop. Its log lines arrive on a channel, read by a thread.
-struct Server {
-    child: Child,
-    port: u16,
-    lines: mpsc::UnboundedReceiver<String>,
-}
-
-impl Server {
-    fn start() -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ws_echo"))
-            .args(["--listen", "127.0.0.1:0", "--tls-self-signed"])
-            .args(["--log-format", "json", "--log-level", "debug"])
-            .env_remove("RUST_LOG")
-            .env_remove("PORT")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start ws_echo");
-        let mut stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
-        let mut first = String::new();
-        stdout
-            .read_line(&mut first)
-            .expect("read the listening line");
-        let (send, lines) = mpsc::unbounded_channel();
-        std::thread::spawn(move || {
-            for line in stdout.lines() {
-                let Ok(line) = line else { break };
-                if send.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let port = first
-            .split("\"url\":\"https://127.0.0.1:")
-            .nth(1)
-            .and_then(|rest| rest.split('/').next())
-            .and_then(|port| port.parse().ok())
-            .unwrap_or_else(|| panic!("no https URL in {first:?}"));
-        Self { child, port, lines }
-    }
-
-    /// The next log line whose message contains `needle`, parsed.
-    async fn next_line_with(&mut self, needle: &str) -> Value {
-        let deadline = Instant::now() + DEADLINE;
-        loop {
-            let line = tokio::time::timeout_at(deadline, self.lines.recv())
-                .await
-                .unwrap_or_else(|_| panic!("no log line with {needle:?} in time"))
-                .expect("the server is running");
-            let parsed: Value = serde_json::from_str(&line).expect("a JSON log line");
-            if parsed["fields"]["message"]
-                .as_str()
-                .is_some_and(|message| message.contains(needle))
-            {
-                return parsed;
-            }
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }

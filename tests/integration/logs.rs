@@ -13,20 +13,20 @@ use crate::support::{ServerProcess, assert_echoes, expect_close};
 
 #[tokio::test]
 async fn at_info_level_opening_and_closing_lines_carry_the_span_and_the_counts() {
-    let server = ServerProcess::start(&[]);
-    one_connection_logs_its_span_and_counts(&server, false).await;
+    let mut server = ServerProcess::start(&[]);
+    one_connection_logs_its_span_and_counts(&mut server, false).await;
 }
 
 #[tokio::test]
 async fn at_debug_level_the_same_lines_and_each_message_carry_the_span() {
-    let server = ServerProcess::start(&["--log-level", "debug"]);
-    one_connection_logs_its_span_and_counts(&server, true).await;
+    let mut server = ServerProcess::start(&["--log-level", "debug"]);
+    one_connection_logs_its_span_and_counts(&mut server, true).await;
 }
 
 /// Opens one WebSocket, echoes a text and a binary message, closes with 1000, and
 /// checks the "connection opened" and "connection closed" lines (and, at `debug` level,
 /// the text message's "Got message" line between them).
-async fn one_connection_logs_its_span_and_counts(server: &ServerProcess, debug: bool) {
+async fn one_connection_logs_its_span_and_counts(server: &mut ServerProcess, debug: bool) {
     let (mut client, _) = connect_async(server.ws_url()).await.expect("connect");
     let peer = match client.get_ref() {
         MaybeTlsStream::Plain(stream) => stream.local_addr().expect("local address"),
@@ -43,7 +43,7 @@ async fn one_connection_logs_its_span_and_counts(server: &ServerProcess, debug: 
         .expect("send Close");
     assert_eq!(expect_close(&mut client).await.0, 1000);
 
-    let opened = server.next_line_with("connection opened");
+    let opened = server.next_line_with("connection opened").await;
     let span = &opened["span"];
     assert_eq!(span["name"], "ws", "{opened}");
     assert_eq!(span["peer"], peer.to_string(), "{opened}");
@@ -53,12 +53,12 @@ async fn one_connection_logs_its_span_and_counts(server: &ServerProcess, debug: 
         .unwrap_or_else(|| panic!("no connection id: {opened}"));
 
     if debug {
-        let received = server.next_line_with("Got message");
+        let received = server.next_line_with("Got message").await;
         assert_eq!(received["span"]["id"], id, "{received}");
         assert_eq!(received["span"]["peer"], peer.to_string(), "{received}");
     }
 
-    let closed = server.next_line_with("connection closed");
+    let closed = server.next_line_with("connection closed").await;
     assert_eq!(closed["span"]["id"], id, "{closed}");
     assert_eq!(closed["span"]["peer"], peer.to_string(), "{closed}");
     let fields = &closed["fields"];

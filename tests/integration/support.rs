@@ -417,7 +417,7 @@ pub struct ServerProcess {
     /// The "ws_echo listening" log line (JSON).
     pub first_line: String,
     /// The log lines after the first, as a thread reads them.
-    lines: std::sync::mpsc::Receiver<String>,
+    lines: tokio::sync::mpsc::UnboundedReceiver<String>,
 }
 
 impl ServerProcess {
@@ -462,15 +462,16 @@ impl ServerProcess {
         reader
             .read_line(&mut first_line)
             .expect("read the listening line");
+        // `http://` or, with TLS, `https://`.
         let port = first_line
-            .split("\"url\":\"http://127.0.0.1:")
+            .split("://127.0.0.1:")
             .nth(1)
             .and_then(|rest| rest.split('/').next())
             .and_then(|port| port.parse().ok())
             .unwrap_or_else(|| panic!("no listening URL in {first_line:?}"));
         // Keep draining the log so the server never blocks on a full pipe; keep it in a
         // file when WS_ECHO_TEST_LOG names one (for debugging a failing test).
-        let (send, lines) = std::sync::mpsc::channel();
+        let (send, lines) = tokio::sync::mpsc::unbounded_channel();
         std::thread::spawn(move || {
             use std::io::Write;
             let mut copy = std::env::var_os("WS_ECHO_TEST_LOG")
@@ -496,14 +497,13 @@ impl ServerProcess {
     }
 
     /// The next log line whose message contains `needle`, parsed; panics after [`STEP`].
-    pub fn next_line_with(&self, needle: &str) -> serde_json::Value {
-        let deadline = std::time::Instant::now() + STEP;
+    pub async fn next_line_with(&mut self, needle: &str) -> serde_json::Value {
+        let deadline = tokio::time::Instant::now() + STEP;
         loop {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            let line = self
-                .lines
-                .recv_timeout(left)
-                .unwrap_or_else(|error| panic!("no log line with {needle:?}: {error}"));
+            let line = tokio::time::timeout_at(deadline, self.lines.recv())
+                .await
+                .unwrap_or_else(|_| panic!("no log line with {needle:?} in time"))
+                .expect("the server is running");
             let parsed: serde_json::Value =
                 serde_json::from_str(&line).unwrap_or_else(|_| panic!("not JSON: {line}"));
             if parsed["fields"]["message"]
