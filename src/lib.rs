@@ -21,6 +21,7 @@
 //! - `frame_guard`: a read-side guard for what the engine does not check itself.
 //! - `fast_echo`: echoes whole small messages where they are read, and keeps every
 //!   echo of an uncompressed connection in order in one output queue.
+//! - `waits`: the echo loop's shutdown and timer waits, polled only when they can end.
 //! - `hello`: the opt-in JSON greeting (`/ws?hello=1`).
 //! - `limits`: caps on open WebSockets, in all and per client address.
 //! - `metrics`: Prometheus series, defined once, served at `/metrics`.
