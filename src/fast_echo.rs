@@ -469,29 +469,36 @@ pub(crate) fn unmask(payload: &mut [u8], mask: [u8; 4]) {
     }
 }
 
+/// A client frame for tests: first byte `first` (FIN, RSV bits, opcode), `payload`
+/// masked with `key`, its length in the shortest encoding.
+#[cfg(test)]
+pub(crate) fn masked_frame(first: u8, payload: &[u8], key: [u8; 4]) -> Vec<u8> {
+    let mut frame = vec![first];
+    match payload.len() {
+        len @ 0..=125 => frame.push(0x80 | len as u8),
+        len @ 126..=0xFFFF => {
+            frame.push(0x80 | 126);
+            frame.extend_from_slice(&(len as u16).to_be_bytes());
+        }
+        len => {
+            frame.push(0x80 | 127);
+            frame.extend_from_slice(&(len as u64).to_be_bytes());
+        }
+    }
+    frame.extend_from_slice(&key);
+    frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+    frame
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     const KEY: [u8; 4] = [0x37, 0xFA, 0x21, 0x3D];
 
-    /// A masked client frame.
+    /// A client frame masked with [`KEY`].
     fn client_frame(first: u8, payload: &[u8]) -> Vec<u8> {
-        let mut frame = vec![first];
-        match payload.len() {
-            len @ 0..=125 => frame.push(0x80 | len as u8),
-            len @ 126..=0xFFFF => {
-                frame.push(0x80 | 126);
-                frame.extend_from_slice(&(len as u16).to_be_bytes());
-            }
-            len => {
-                frame.push(0x80 | 127);
-                frame.extend_from_slice(&(len as u64).to_be_bytes());
-            }
-        }
-        frame.extend_from_slice(&KEY);
-        frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ KEY[i % 4]));
-        frame
+        masked_frame(first, payload, KEY)
     }
 
     /// The RFC 6455 §5.7 example: a single-frame unmasked text message "Hello".

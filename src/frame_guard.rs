@@ -1015,23 +1015,12 @@ mod tests {
         Arc::new(Semaphore::new(bytes))
     }
 
-    /// A masked client frame with `payload_len` zero bytes of payload.
+    /// The masking key of the test frames.
+    const KEY: [u8; 4] = [1, 2, 3, 4];
+
+    /// A masked client frame (FIN, `opcode`) with `payload_len` zero bytes of payload.
     fn frame(opcode: u8, payload_len: usize) -> Vec<u8> {
-        let mut frame = vec![0x80 | opcode];
-        match payload_len {
-            0..=125 => frame.push(0x80 | payload_len as u8),
-            126..=0xFFFF => {
-                frame.push(0x80 | 126);
-                frame.extend_from_slice(&(payload_len as u16).to_be_bytes());
-            }
-            _ => {
-                frame.push(0x80 | 127);
-                frame.extend_from_slice(&(payload_len as u64).to_be_bytes());
-            }
-        }
-        frame.extend_from_slice(&[1, 2, 3, 4]);
-        frame.resize(frame.len() + payload_len, 0);
-        frame
+        fast_echo::masked_frame(0x80 | opcode, &vec![0; payload_len], KEY)
     }
 
     #[tokio::test]
@@ -1349,15 +1338,9 @@ mod tests {
         assert_eq!(handle.held(), FREE_ALLOWANCE - 100 + 64);
     }
 
-    /// A masked frame with `payload` (masked here with the key [1, 2, 3, 4]).
+    /// A masked frame with first byte `first` and `payload`.
     fn frame_with(first: u8, payload: &[u8]) -> Vec<u8> {
-        let mut frame = frame(first & 0x0F, payload.len());
-        frame[0] = first;
-        let start = frame.len() - payload.len();
-        for (i, byte) in payload.iter().enumerate() {
-            frame[start + i] = byte ^ [1, 2, 3, 4][i % 4];
-        }
-        frame
+        fast_echo::masked_frame(first, payload, KEY)
     }
 
     /// Autobahn 6.4.3 in miniature: invalid UTF-8 inside a text fragment is refused
