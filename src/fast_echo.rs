@@ -13,9 +13,10 @@
 //!
 //! A larger frame of the same kind that a read cuts is taken too ([`Output::start_frame`]):
 //! its header goes into the queue, and the guard reads the rest of its payload straight
-//! into the queue behind it, unmasking and (for text) validating as it comes, so a
-//! 16 KiB message costs two or three reads instead of the engine's seven growing ones
-//! from its 384-byte buffer. The queue writes out only *committed* bytes: a frame in
+//! into the queue behind it, unmasking and (for text) validating as it comes, instead of
+//! the engine's growing reads from its 384-byte buffer. (A frame of up to 64 KiB that
+//! arrives whole usually comes in one read, into the guard's scratch buffer, and is
+//! echoed by [`echo_whole_frames`].) The queue writes out only *committed* bytes: a frame in
 //! progress is committed when its last byte has arrived and its text is valid.
 //!
 //! Order is kept by one rule: the echo loop puts the echoes of engine-path messages in
