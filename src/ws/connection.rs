@@ -1,0 +1,855 @@
+//! The sans-IO WebSocket connection (RFC 6455, RFC 7692): bytes in, events to a
+//! [`Handler`]; frames out, into an [`Outbox`]. No sockets and no async here: the
+//! driver feeds it what it reads, and tests and the fuzz target feed it bytes directly.
+//!
+//! [`Receiver`] follows frames across reads cut anywhere: it unmasks, joins fragments,
+//! inflates, validates text as it arrives (failing at the first bad byte on the wire),
+//! enforces the size limits, and hands whole messages and control frames to the
+//! handler. Every rule it enforces ends in one [`Violation`], which names the Close to
+//! answer with. [`Sender`] encodes what the server sends, compressing messages when
+//! permessage-deflate was agreed.
+
+use super::{
+    close::{self, Violation},
+    deflate::{self, InflateError, Inflater, Params},
+    frame::{self, Header, OpCode},
+    outbox::{Outbox, Payload},
+    utf8::Utf8Validator,
+};
+
+/// What a data message carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// UTF-8 text.
+    Text,
+    /// Bytes.
+    Binary,
+}
+
+impl Kind {
+    /// The opcode of the first frame of such a message.
+    pub(crate) fn opcode(self) -> OpCode {
+        match self {
+            Self::Text => OpCode::Text,
+            Self::Binary => OpCode::Binary,
+        }
+    }
+}
+
+/// What the receiver found in the bytes: the policy (echo, for this server) decides
+/// what to send in answer.
+pub(crate) trait Handler {
+    /// A whole data message, text already validated.
+    fn message(&mut self, kind: Kind, payload: Payload<'_>);
+    /// A Ping; RFC 6455 §5.5.2 asks for a Pong with the same payload.
+    fn ping(&mut self, payload: &[u8]);
+    /// A Pong.
+    fn pong(&mut self, payload: &[u8]);
+    /// The peer's Close: its code and reason, `None` for an empty one. Nothing after
+    /// it is read.
+    fn close(&mut self, close: Option<(u16, &str)>);
+    /// The peer broke a rule: the connection must close with the violation's code.
+    /// What follows is still read, data dropped, until the peer's Close.
+    fn violation(&mut self, violation: Violation);
+}
+
+/// The size limits a receiver enforces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Limits {
+    /// Largest frame payload, in bytes on the wire. A compressed frame may exceed it by
+    /// deflate's worst-case overhead (see [`Limits::compressed_frame`]).
+    pub(crate) max_frame: usize,
+    /// Largest message, after inflation.
+    pub(crate) max_message: usize,
+}
+
+impl Limits {
+    /// The largest compressed frame: `max_frame` plus deflate's worst case for data that
+    /// does not compress. zlib falls back to stored blocks (5 bytes per 16 KiB: 16 MiB
+    /// of random bytes deflate to 16,782,337), but a compressor that keeps fixed Huffman
+    /// codes (zlib-rs at level 1 does) spends 9 bits on half the byte values: up to 1/8
+    /// more. The wire bytes of a compressed frame are inflated as they arrive, never
+    /// held, so the margin costs no memory; the message limit applies after inflation.
+    pub(crate) fn compressed_frame(self) -> u64 {
+        let max = self.max_frame as u64;
+        max + max / 8 + 64
+    }
+}
+
+/// A frame whose payload is still arriving.
+#[derive(Debug)]
+struct InFrame {
+    header: Header,
+    /// Payload bytes received so far.
+    done: u64,
+    /// The payload is dropped unread: the connection is closing.
+    skip: bool,
+}
+
+/// A data message being received.
+#[derive(Debug)]
+struct Message {
+    kind: Kind,
+    compressed: bool,
+    /// The payload so far, unmasked and inflated.
+    payload: Vec<u8>,
+    /// Validates text as it arrives; `None` for binary.
+    utf8: Option<Utf8Validator>,
+}
+
+/// Where the receiver stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Reading frames.
+    Open,
+    /// Our Close is sent: data payloads are dropped unread while we wait for the peer's
+    /// Close (a lingering close).
+    Draining,
+    /// The peer's Close arrived, or frame boundaries were lost: nothing more is read.
+    Done,
+}
+
+/// The receiving half of a connection.
+#[derive(Debug)]
+pub(crate) struct Receiver {
+    limits: Limits,
+    /// Set when permessage-deflate was agreed.
+    inflater: Option<Inflater>,
+    /// A header cut by the end of a read.
+    header: [u8; frame::MAX_HEADER_LEN],
+    header_len: u8,
+    frame: Option<InFrame>,
+    message: Option<Message>,
+    /// A control frame's payload cut by the end of a read.
+    control: Vec<u8>,
+    state: State,
+}
+
+impl Receiver {
+    /// A receiver at the start of a connection.
+    pub(crate) fn new(limits: Limits, deflate: Option<Params>) -> Self {
+        Self {
+            limits,
+            inflater: deflate.as_ref().map(Inflater::new),
+            header: [0; frame::MAX_HEADER_LEN],
+            header_len: 0,
+            frame: None,
+            message: None,
+            control: Vec::new(),
+            state: State::Open,
+        }
+    }
+
+    /// Bytes this receiver holds for a message in progress. (A buffer reserved for a
+    /// frame's announced length is not counted until its bytes arrive: untouched pages
+    /// take no memory.)
+    pub(crate) fn buffered(&self) -> usize {
+        self.message.as_ref().map_or(0, |m| m.payload.len()) + self.control.len()
+    }
+
+    /// Whether the peer's Close arrived (or nothing more can be read).
+    pub(crate) fn is_done(&self) -> bool {
+        self.state == State::Done
+    }
+
+    /// From now on data payloads are dropped unread: the server has sent its Close and
+    /// only waits for the peer's. The message in progress is freed.
+    pub(crate) fn drain(&mut self) {
+        if self.state == State::Open {
+            self.state = State::Draining;
+        }
+        self.message = None;
+        if let Some(frame) = &mut self.frame {
+            frame.skip |= !frame.header.opcode.is_control();
+        }
+    }
+
+    /// Takes in the next bytes read, in place (they are unmasked where they lie), and
+    /// calls `handler` for each message, control frame and violation they hold, in
+    /// order. After a violation the receiver drains: frames that can still be followed
+    /// are, so that the peer's Close is found; their data is dropped unread.
+    pub(crate) fn receive(&mut self, mut input: &mut [u8], handler: &mut impl Handler) {
+        while !input.is_empty() && self.state != State::Done {
+            if let Err(violation) = self.receive_some(&mut input, handler) {
+                self.drain();
+                handler.violation(violation);
+            }
+        }
+    }
+
+    /// Takes in `input` up to its end or the first violation, leaving the rest in it.
+    fn receive_some(
+        &mut self,
+        input: &mut &mut [u8],
+        handler: &mut impl Handler,
+    ) -> Result<(), Violation> {
+        while !input.is_empty() && self.state != State::Done {
+            if self.frame.is_none() {
+                let (header, used) = match self.next_header(input) {
+                    Ok(Some(found)) => found,
+                    Ok(None) => {
+                        *input = &mut [];
+                        return Ok(());
+                    }
+                    Err(violation) => {
+                        // Where this frame ends is unknown: nothing more can be read.
+                        self.state = State::Done;
+                        return Err(violation);
+                    }
+                };
+                *input = &mut std::mem::take(input)[used..];
+                self.start_frame(header)?;
+                let frame = self
+                    .frame
+                    .as_ref()
+                    .expect("invariant: start_frame sets the frame it accepts");
+                // The common case: a whole frame in this read that is a whole message
+                // or a control frame is handled where it lies, without a copy.
+                let len = header.len as usize;
+                if !frame.skip
+                    && header.len <= input.len() as u64
+                    && (header.opcode.is_control()
+                        || (header.fin && !header.rsv1 && header.opcode != OpCode::Continuation))
+                {
+                    self.frame = None;
+                    let (payload, rest) = std::mem::take(input).split_at_mut(len);
+                    *input = rest;
+                    frame::unmask(payload, header.mask, 0);
+                    self.whole_frame(header, payload, handler)?;
+                    continue;
+                }
+                if !frame.skip && !header.opcode.is_control() {
+                    if let Some(message) = self.message.as_mut().filter(|m| !m.compressed) {
+                        // Room for the whole frame at once (its length is within the
+                        // limits) instead of doubling as it arrives: no copies.
+                        message.payload.reserve_exact(len);
+                    }
+                }
+            }
+            let frame = self
+                .frame
+                .as_mut()
+                .expect("invariant: a frame is set above or was in progress");
+            let take = (frame.header.len - frame.done).min(input.len() as u64) as usize;
+            let (piece, rest) = std::mem::take(input).split_at_mut(take);
+            *input = rest;
+            let (header, offset, skip) = (frame.header, frame.done, frame.skip);
+            frame.done += take as u64;
+            if !skip {
+                frame::unmask(piece, header.mask, offset);
+                self.payload_piece(header, piece)?;
+            }
+            if frame_done(&self.frame) {
+                let frame = self.frame.take().expect("invariant: checked just above");
+                if !frame.skip {
+                    self.end_frame(frame.header, handler)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The header at the start of `input`, completing one cut by the last read: the
+    /// header and how many bytes of `input` it took. `None` when `input` ends inside
+    /// it (kept for the next read).
+    fn next_header(&mut self, input: &[u8]) -> Result<Option<(Header, usize)>, Violation> {
+        if self.header_len == 0 {
+            if let Some(found) = frame::parse(input)? {
+                return Ok(Some(found));
+            }
+        }
+        let held = usize::from(self.header_len);
+        let take = (frame::MAX_HEADER_LEN - held).min(input.len());
+        self.header[held..held + take].copy_from_slice(&input[..take]);
+        match frame::parse(&self.header[..held + take])? {
+            Some((header, len)) => {
+                self.header_len = 0;
+                Ok(Some((header, len - held)))
+            }
+            None => {
+                self.header_len = (held + take) as u8;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Checks a header against the connection's state and starts its frame.
+    fn start_frame(&mut self, header: Header) -> Result<(), Violation> {
+        let draining = self.state == State::Draining;
+        let skip = draining && !header.opcode.is_control();
+        if header.rsv1
+            && (self.inflater.is_none()
+                || header.opcode.is_control()
+                || header.opcode == OpCode::Continuation)
+        {
+            return Err(self.refuse_frame(header, Violation::MisplacedRsv1));
+        }
+        if !header.opcode.is_control() && !draining {
+            let compressed = match header.opcode {
+                OpCode::Continuation => match &self.message {
+                    Some(message) => message.compressed,
+                    None => {
+                        return Err(self.refuse_frame(header, Violation::UnexpectedContinuation));
+                    }
+                },
+                _ if self.message.is_some() => {
+                    return Err(self.refuse_frame(header, Violation::UnfinishedMessage));
+                }
+                _ => header.rsv1,
+            };
+            let held = self.message.as_ref().map_or(0, |m| m.payload.len() as u64);
+            let too_big = if compressed {
+                header.len > self.limits.compressed_frame()
+            } else {
+                header.len > self.limits.max_frame as u64
+                    || held + header.len > self.limits.max_message as u64
+            };
+            if too_big {
+                // Refused on the header, before any of its payload is held.
+                return Err(self.refuse_frame(header, Violation::TooBig));
+            }
+        }
+        if !skip && header.opcode != OpCode::Continuation && !header.opcode.is_control() {
+            let kind = if header.opcode == OpCode::Text {
+                Kind::Text
+            } else {
+                Kind::Binary
+            };
+            self.message = Some(Message {
+                kind,
+                compressed: header.rsv1,
+                payload: Vec::new(),
+                utf8: (kind == Kind::Text).then(Utf8Validator::default),
+            });
+        }
+        self.frame = Some(InFrame {
+            header,
+            done: 0,
+            skip,
+        });
+        Ok(())
+    }
+
+    /// Refuses a frame on its header: its payload is skipped, so that frames after it
+    /// can still be read while the connection closes.
+    fn refuse_frame(&mut self, header: Header, violation: Violation) -> Violation {
+        self.frame = Some(InFrame {
+            header,
+            done: 0,
+            skip: true,
+        });
+        violation
+    }
+
+    /// A whole frame found in one read: a control frame, or a whole uncompressed
+    /// message (`start_frame` has set up neither a message nor a frame for it to use).
+    fn whole_frame(
+        &mut self,
+        header: Header,
+        payload: &mut [u8],
+        handler: &mut impl Handler,
+    ) -> Result<(), Violation> {
+        if header.opcode.is_control() {
+            return self.control_frame(header.opcode, payload, handler);
+        }
+        let message = self
+            .message
+            .take()
+            .expect("invariant: start_frame opens a message for every unskipped data frame");
+        if message.kind == Kind::Text && std::str::from_utf8(payload).is_err() {
+            return Err(Violation::InvalidUtf8);
+        }
+        handler.message(message.kind, Payload::Slice(payload));
+        Ok(())
+    }
+
+    /// Adds a piece of payload (unmasked) to the control frame or message it belongs to.
+    fn payload_piece(&mut self, header: Header, piece: &[u8]) -> Result<(), Violation> {
+        if header.opcode.is_control() {
+            self.control.extend_from_slice(piece);
+            return Ok(());
+        }
+        let message = self
+            .message
+            .as_mut()
+            .expect("invariant: a data frame that is not skipped belongs to a message");
+        let start = message.payload.len();
+        if message.compressed {
+            let inflater = self
+                .inflater
+                .as_mut()
+                .expect("invariant: start_frame refuses RSV1 unless deflate was agreed");
+            inflater
+                .inflate(piece, &mut message.payload, self.limits.max_message)
+                .map_err(inflate_violation)?;
+        } else {
+            message.payload.extend_from_slice(piece);
+        }
+        if let Some(utf8) = &mut message.utf8 {
+            utf8.feed(&message.payload[start..])
+                .map_err(|_| Violation::InvalidUtf8)?;
+        }
+        Ok(())
+    }
+
+    /// A frame's payload is complete.
+    fn end_frame(&mut self, header: Header, handler: &mut impl Handler) -> Result<(), Violation> {
+        if header.opcode.is_control() {
+            let mut payload = std::mem::take(&mut self.control);
+            let result = self.control_frame(header.opcode, &mut payload, handler);
+            // Keep nothing for an idle connection.
+            drop(payload);
+            return result;
+        }
+        if !header.fin {
+            return Ok(());
+        }
+        let mut message = self
+            .message
+            .take()
+            .expect("invariant: a data frame that is not skipped belongs to a message");
+        if message.compressed {
+            let start = message.payload.len();
+            let inflater = self
+                .inflater
+                .as_mut()
+                .expect("invariant: start_frame refuses RSV1 unless deflate was agreed");
+            inflater
+                .finish(&mut message.payload, self.limits.max_message)
+                .map_err(inflate_violation)?;
+            if let Some(utf8) = &mut message.utf8 {
+                utf8.feed(&message.payload[start..])
+                    .map_err(|_| Violation::InvalidUtf8)?;
+            }
+        }
+        if message
+            .utf8
+            .as_ref()
+            .is_some_and(|utf8| !utf8.is_complete())
+        {
+            return Err(Violation::InvalidUtf8);
+        }
+        handler.message(message.kind, Payload::Owned(&mut message.payload));
+        Ok(())
+    }
+
+    /// A whole control frame.
+    fn control_frame(
+        &mut self,
+        opcode: OpCode,
+        payload: &mut [u8],
+        handler: &mut impl Handler,
+    ) -> Result<(), Violation> {
+        match opcode {
+            OpCode::Ping => handler.ping(payload),
+            OpCode::Pong => handler.pong(payload),
+            _ => {
+                let close = close::parse_payload(payload)?;
+                self.state = State::Done;
+                self.message = None;
+                handler.close(close);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether the frame in progress has all its payload.
+fn frame_done(frame: &Option<InFrame>) -> bool {
+    frame.as_ref().is_some_and(|f| f.done == f.header.len)
+}
+
+fn inflate_violation(error: InflateError) -> Violation {
+    match error {
+        InflateError::TooLarge => Violation::TooBig,
+        InflateError::Corrupt => Violation::InvalidDeflate,
+    }
+}
+
+/// The sending half of a connection: encodes frames into an [`Outbox`].
+#[derive(Debug)]
+pub(crate) struct Sender {
+    deflate: Option<Params>,
+    /// Our Close is queued: nothing may follow it (§5.5.1).
+    closed: bool,
+}
+
+impl Sender {
+    /// A sender that compresses messages when `deflate` was agreed.
+    pub(crate) fn new(deflate: Option<Params>) -> Self {
+        Self {
+            deflate,
+            closed: false,
+        }
+    }
+
+    /// Queues a message as one frame, compressed when deflate was agreed and it is
+    /// long enough to gain from it. Nothing is queued after our Close.
+    pub(crate) fn message(&mut self, kind: Kind, payload: Payload<'_>, out: &mut Outbox) {
+        self.fragmented(kind, payload, usize::MAX, out);
+    }
+
+    /// Queues a message as frames of at most `max_frame` payload bytes (at least one).
+    pub(crate) fn fragmented(
+        &mut self,
+        kind: Kind,
+        payload: Payload<'_>,
+        max_frame: usize,
+        out: &mut Outbox,
+    ) {
+        if self.closed {
+            return;
+        }
+        let bytes = payload.as_slice();
+        let mut compressed = Vec::new();
+        let (rsv1, payload) = match &self.deflate {
+            Some(params) if bytes.len() >= params.threshold => {
+                deflate::deflate_message(bytes, params, &mut compressed);
+                // Data that does not compress goes out as it is (RFC 7692 lets each
+                // message choose): deflate would only make it larger.
+                if compressed.len() < bytes.len() {
+                    (true, Payload::Owned(&mut compressed))
+                } else {
+                    (false, payload)
+                }
+            }
+            _ => (false, payload),
+        };
+        let max_frame = max_frame.max(1);
+        if payload.as_slice().len() <= max_frame {
+            out.push_frame(true, rsv1, kind.opcode(), payload);
+            return;
+        }
+        let bytes = payload.as_slice();
+        let mut pieces = bytes.chunks(max_frame).peekable();
+        let mut opcode = kind.opcode();
+        let mut first = true;
+        while let Some(piece) = pieces.next() {
+            let fin = pieces.peek().is_none();
+            out.push_frame(fin, rsv1 && first, opcode, Payload::Slice(piece));
+            opcode = OpCode::Continuation;
+            first = false;
+        }
+    }
+
+    /// Queues a Ping.
+    pub(crate) fn ping(&mut self, payload: &[u8], out: &mut Outbox) {
+        if !self.closed {
+            out.push_frame(true, false, OpCode::Ping, Payload::Slice(payload));
+        }
+    }
+
+    /// Queues the Pong that answers a Ping.
+    pub(crate) fn pong(&mut self, payload: &[u8], out: &mut Outbox) {
+        if !self.closed {
+            out.push_frame(true, false, OpCode::Pong, Payload::Slice(payload));
+        }
+    }
+
+    /// Queues our Close: `code` and `reason`, or an empty payload for `None` (the
+    /// answer to an empty Close, §5.5.1). Returns `false` if one was already queued.
+    pub(crate) fn close(&mut self, code: Option<u16>, reason: &str, out: &mut Outbox) -> bool {
+        if std::mem::replace(&mut self.closed, true) {
+            return false;
+        }
+        let mut payload = Vec::with_capacity(2 + reason.len());
+        if let Some(code) = code {
+            payload.extend_from_slice(&code.to_be_bytes());
+            // §5.5: at most 125 bytes in all; cut at a character boundary.
+            let mut end = reason.len().min(frame::MAX_CONTROL_PAYLOAD - 2);
+            while !reason.is_char_boundary(end) {
+                end -= 1;
+            }
+            payload.extend_from_slice(&reason.as_bytes()[..end]);
+        }
+        out.push_frame(true, false, OpCode::Close, Payload::Slice(&payload));
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ws::frame::client_frame;
+
+    const MASK: [u8; 4] = [0xA1, 0x02, 0x7F, 0x33];
+    const LIMITS: Limits = Limits {
+        max_frame: 1000,
+        max_message: 2000,
+    };
+
+    /// Everything a receiver reported, in order.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    enum Seen {
+        Message(Kind, Vec<u8>),
+        Ping(Vec<u8>),
+        Pong(Vec<u8>),
+        Close(Option<(u16, String)>),
+        Violation(Violation),
+    }
+
+    #[derive(Default)]
+    struct Record(Vec<Seen>);
+
+    impl Handler for Record {
+        fn message(&mut self, kind: Kind, payload: Payload<'_>) {
+            self.0
+                .push(Seen::Message(kind, payload.as_slice().to_vec()));
+        }
+        fn ping(&mut self, payload: &[u8]) {
+            self.0.push(Seen::Ping(payload.to_vec()));
+        }
+        fn pong(&mut self, payload: &[u8]) {
+            self.0.push(Seen::Pong(payload.to_vec()));
+        }
+        fn close(&mut self, close: Option<(u16, &str)>) {
+            self.0.push(Seen::Close(
+                close.map(|(code, reason)| (code, reason.to_owned())),
+            ));
+        }
+        fn violation(&mut self, violation: Violation) {
+            self.0.push(Seen::Violation(violation));
+        }
+    }
+
+    fn deflate_params() -> Params {
+        Params {
+            server_window_bits: 15,
+            client_window_bits: 15,
+            client_no_context_takeover: false,
+            level: 1,
+            threshold: 0,
+        }
+    }
+
+    /// What a receiver reports for `bytes` fed in one piece, checked to be the same
+    /// when they are cut at every point, in two pieces and byte by byte.
+    fn receive_at_every_split(bytes: &[u8], deflate: Option<Params>) -> Vec<Seen> {
+        let feed = |pieces: &[&[u8]]| {
+            let mut receiver = Receiver::new(LIMITS, deflate);
+            let mut record = Record::default();
+            for piece in pieces {
+                receiver.receive(&mut piece.to_vec(), &mut record);
+            }
+            record.0
+        };
+        let whole = feed(&[bytes]);
+        for cut in 0..bytes.len() {
+            let (a, b) = bytes.split_at(cut);
+            assert_eq!(feed(&[a, b]), whole, "cut at {cut}");
+        }
+        let bytewise: Vec<&[u8]> = bytes.chunks(1).collect();
+        assert_eq!(feed(&bytewise), whole, "byte by byte");
+        whole
+    }
+
+    fn text(s: &str) -> Seen {
+        Seen::Message(Kind::Text, s.as_bytes().to_vec())
+    }
+
+    #[test]
+    fn whole_messages_of_each_kind_are_reported() {
+        let mut bytes = client_frame(0x81, b"hello", MASK);
+        bytes.extend(client_frame(0x82, &[0, 1, 2], MASK));
+        bytes.extend(client_frame(0x81, b"", MASK));
+        assert_eq!(
+            receive_at_every_split(&bytes, None),
+            [
+                text("hello"),
+                Seen::Message(Kind::Binary, vec![0, 1, 2]),
+                text("")
+            ]
+        );
+    }
+
+    #[test]
+    fn fragments_are_joined_around_control_frames() {
+        let mut bytes = client_frame(0x01, "κό".as_bytes(), MASK);
+        bytes.extend(client_frame(0x89, b"p", MASK));
+        bytes.extend(client_frame(0x00, "σ".as_bytes(), MASK));
+        bytes.extend(client_frame(0x8A, b"q", MASK));
+        bytes.extend(client_frame(0x80, "με".as_bytes(), MASK));
+        assert_eq!(
+            receive_at_every_split(&bytes, None),
+            [
+                Seen::Ping(b"p".to_vec()),
+                Seen::Pong(b"q".to_vec()),
+                text("κόσμε")
+            ]
+        );
+    }
+
+    #[test]
+    fn invalid_text_fails_at_the_first_bad_byte_not_the_message_end() {
+        // The first fragment alone carries the bad byte: the violation comes before
+        // the rest of the message exists.
+        let bytes = client_frame(0x01, b"ok\xFFmore", MASK);
+        assert_eq!(
+            receive_at_every_split(&bytes, None),
+            [Seen::Violation(Violation::InvalidUtf8)]
+        );
+        // Cut inside a large frame: reported once the bad byte has arrived.
+        let payload = [b"a".repeat(500), b"\xC3\x28".to_vec(), b"b".repeat(400)].concat();
+        let frame = client_frame(0x81, &payload, MASK);
+        let mut receiver = Receiver::new(LIMITS, None);
+        let mut record = Record::default();
+        let cut = 8 + 502;
+        receiver.receive(&mut frame[..cut].to_vec(), &mut record);
+        assert_eq!(record.0, [Seen::Violation(Violation::InvalidUtf8)]);
+    }
+
+    #[test]
+    fn a_message_ending_inside_a_character_is_invalid() {
+        let bytes = client_frame(0x81, &"€".as_bytes()[..2], MASK);
+        assert_eq!(
+            receive_at_every_split(&bytes, None),
+            [Seen::Violation(Violation::InvalidUtf8)]
+        );
+    }
+
+    #[test]
+    fn an_oversized_frame_is_refused_on_its_header_and_skipped_to_the_close() {
+        let mut bytes = client_frame(0x82, &[7; 1001], MASK);
+        bytes.extend(client_frame(0x88, &[3, 232], MASK));
+        assert_eq!(
+            receive_at_every_split(&bytes, None),
+            [
+                Seen::Violation(Violation::TooBig),
+                Seen::Close(Some((1000, String::new())))
+            ]
+        );
+        // The header alone is enough.
+        let mut receiver = Receiver::new(LIMITS, None);
+        let mut record = Record::default();
+        receiver.receive(&mut bytes[..8].to_vec(), &mut record);
+        assert_eq!(record.0, [Seen::Violation(Violation::TooBig)]);
+        assert_eq!(receiver.buffered(), 0);
+    }
+
+    #[test]
+    fn a_continuation_that_would_pass_the_message_limit_is_refused_on_its_header() {
+        let mut bytes = client_frame(0x02, &[1; 1000], MASK);
+        bytes.extend(client_frame(0x00, &[1; 1000], MASK));
+        let mut receiver = Receiver::new(LIMITS, None);
+        let mut record = Record::default();
+        receiver.receive(&mut bytes, &mut record);
+        assert!(record.0.is_empty());
+        // 2,000 bytes held; a header announcing one more is refused before its byte.
+        let mut next = client_frame(0x80, &[1], MASK);
+        receiver.receive(&mut next[..6], &mut record);
+        assert_eq!(record.0, [Seen::Violation(Violation::TooBig)]);
+    }
+
+    #[test]
+    fn header_and_sequence_rules_each_have_their_violation() {
+        let cases: [(Vec<u8>, Violation); 5] = [
+            (
+                client_frame(0x80, b"x", MASK),
+                Violation::UnexpectedContinuation,
+            ),
+            (
+                [
+                    client_frame(0x01, b"x", MASK),
+                    client_frame(0x81, b"y", MASK),
+                ]
+                .concat(),
+                Violation::UnfinishedMessage,
+            ),
+            (client_frame(0xC1, b"x", MASK), Violation::MisplacedRsv1),
+            (client_frame(0x83, b"x", MASK), Violation::ReservedOpcode),
+            (
+                client_frame(0x88, &[0x03, 0xED], MASK),
+                Violation::InvalidCloseCode,
+            ),
+        ];
+        for (bytes, violation) in cases {
+            assert_eq!(
+                receive_at_every_split(&bytes, None),
+                [Seen::Violation(violation)],
+                "{violation:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn nothing_after_the_peers_close_is_read() {
+        let mut bytes = client_frame(0x88, b"", MASK);
+        bytes.extend(client_frame(0x81, b"late", MASK));
+        assert_eq!(receive_at_every_split(&bytes, None), [Seen::Close(None)]);
+    }
+
+    #[test]
+    fn draining_drops_data_but_finds_the_close() {
+        let mut receiver = Receiver::new(LIMITS, None);
+        let mut record = Record::default();
+        receiver.receive(&mut client_frame(0x01, b"part", MASK), &mut record);
+        receiver.drain();
+        assert_eq!(receiver.buffered(), 0);
+        let mut rest = client_frame(0x80, b"end", MASK);
+        rest.extend(client_frame(0x82, &[1; 900], MASK));
+        rest.extend(client_frame(0x88, &[0x03, 0xE9], MASK));
+        receiver.receive(&mut rest, &mut record);
+        assert_eq!(record.0, [Seen::Close(Some((1001, String::new())))]);
+        assert!(receiver.is_done());
+    }
+
+    /// A client's compressed message: deflated (as `deflate_message` does for the
+    /// server), masked, RSV1 set, `fragments` frames.
+    fn compressed(opcode: u8, payload: &[u8], fragments: usize) -> Vec<u8> {
+        let mut data = Vec::new();
+        deflate::deflate_message(payload, &deflate_params(), &mut data);
+        let size = data.len().div_ceil(fragments).max(1);
+        let mut bytes = Vec::new();
+        let pieces: Vec<&[u8]> = data.chunks(size).collect();
+        for (i, piece) in pieces.iter().enumerate() {
+            let fin = if i + 1 == pieces.len() { 0x80 } else { 0 };
+            let first = match i {
+                0 => fin | 0x40 | opcode,
+                _ => fin,
+            };
+            bytes.extend(client_frame(first, piece, MASK));
+        }
+        bytes
+    }
+
+    #[test]
+    fn compressed_messages_are_inflated_whole_or_fragmented() {
+        let mut bytes = compressed(0x1, "Hello, world! Hello, world!".as_bytes(), 1);
+        bytes.extend(compressed(0x1, "κόσμε κόσμε κόσμε".as_bytes(), 3));
+        assert_eq!(
+            receive_at_every_split(&bytes, Some(deflate_params())),
+            [
+                text("Hello, world! Hello, world!"),
+                text("κόσμε κόσμε κόσμε")
+            ]
+        );
+    }
+
+    #[test]
+    fn an_incompressible_message_at_the_limit_passes_though_its_frame_is_larger() {
+        let limits = Limits {
+            max_frame: 2000,
+            max_message: 2000,
+        };
+        let mut state = 0x1234_5678u32;
+        let random: Vec<u8> = (0..2000)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 17;
+                state ^= state << 5;
+                state as u8
+            })
+            .collect();
+        let mut bytes = compressed(0x2, &random, 1);
+        assert!(bytes.len() - 8 > 2000, "deflate grows random data");
+        let mut receiver = Receiver::new(limits, Some(deflate_params()));
+        let mut record = Record::default();
+        receiver.receive(&mut bytes, &mut record);
+        assert_eq!(record.0, [Seen::Message(Kind::Binary, random)]);
+        // One byte more than the message limit, inflated, is too big.
+        let mut receiver = Receiver::new(limits, Some(deflate_params()));
+        let mut record = Record::default();
+        receiver.receive(&mut compressed(0x2, &[0; 2001], 1), &mut record);
+        assert_eq!(record.0, [Seen::Violation(Violation::TooBig)]);
+    }
+}
