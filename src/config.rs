@@ -11,7 +11,10 @@ use clap::{
     builder::{BoolishValueParser, TypedValueParser},
 };
 
-use crate::{DEFAULT_ADDR, Error, origin::OriginPattern, tls::TlsSettings};
+use crate::{
+    DEFAULT_ADDR, Error,
+    http::{origin::OriginPattern, tls::TlsSettings},
+};
 
 /// Largest message echoed by default: 16 MiB. Autobahn's 9.x cases send messages of up
 /// to 16 MiB, and a test server should take them; the global budget below keeps many
@@ -40,7 +43,7 @@ pub(crate) const DEFAULT_MAX_CONNECTIONS: usize = 19_000;
 /// -> 8.46 us, W3 449 -> 411 us), since one flush still writes up to 8 KiB at once.
 pub(crate) const DEFAULT_WRITE_BUFFER_LIMIT: usize = 8 * 1024;
 /// Bytes all connections together may hold past their free allowance (see
-/// `frame_guard`) before reading pauses: bounds memory under bulk traffic.
+/// `ws::driver`) before reading pauses: bounds memory under bulk traffic.
 pub(crate) const DEFAULT_BUFFER_BUDGET: usize = 256 * 1024 * 1024;
 /// How long an echo may wait for a client that does not read before it is closed.
 pub(crate) const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(60);
@@ -88,11 +91,14 @@ pub struct Config {
     #[arg(long, env = "WS_ECHO_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
-    /// Largest message echoed, in bytes; larger ones are closed with 1009.
+    /// Largest message echoed, in bytes (after inflation, when compressed); larger ones
+    /// are closed with 1009.
     #[arg(long, env = "WS_ECHO_MAX_MESSAGE_SIZE", default_value_t = DEFAULT_MAX_MESSAGE_SIZE, value_name = "BYTES")]
     pub max_message_size: usize,
 
-    /// Largest single frame accepted, in bytes; larger ones are closed with 1009.
+    /// Largest single frame accepted, in bytes; larger ones are closed with 1009. A
+    /// compressed frame may be up to 1/8 larger, deflate's worst case for data that does
+    /// not compress.
     #[arg(long, env = "WS_ECHO_MAX_FRAME_SIZE", default_value_t = DEFAULT_MAX_FRAME_SIZE, value_name = "BYTES")]
     pub max_frame_size: usize,
 
@@ -169,6 +175,19 @@ pub struct Config {
     /// Messages smaller than this many bytes are sent uncompressed.
     #[arg(long, env = "WS_ECHO_COMPRESSION_THRESHOLD", default_value_t = DEFAULT_COMPRESSION_THRESHOLD, value_name = "BYTES")]
     pub compression_threshold: usize,
+
+    /// Ask every deflate client to compress each message on its own
+    /// (client_no_context_takeover): the server then keeps no inflate window between
+    /// messages (less memory per connection, a lower ratio for the client). [default:
+    /// off, clients keep their context]
+    #[arg(long, env = "WS_ECHO_DEFLATE_CLIENT_NO_CONTEXT_TAKEOVER", value_parser = BoolishValueParser::new())]
+    pub deflate_client_no_context_takeover: bool,
+
+    /// Limit the deflate window of clients that allow it to 2^N bytes (9-15,
+    /// client_max_window_bits): the inflate memory the server keeps for each.
+    /// [default: the client's own, 15 for browsers]
+    #[arg(long, env = "WS_ECHO_DEFLATE_CLIENT_MAX_WINDOW_BITS", value_name = "N", value_parser = clap::value_parser!(u8).range(9..=15))]
+    pub deflate_client_max_window_bits: Option<u8>,
 
     /// Accept only these subprotocols (repeatable). By default the first one the client
     /// offers is accepted.
@@ -297,6 +316,24 @@ pub struct CompressionSettings {
     pub level: u32,
     /// Messages below this size are sent uncompressed.
     pub threshold: usize,
+    /// Answer every offer with `client_no_context_takeover`: the client compresses each
+    /// message on its own, and the server frees its inflater between messages.
+    pub client_no_context_takeover: bool,
+    /// Answer offers that allow it with `client_max_window_bits=N` (9–15): the window,
+    /// and so the memory, the server's inflater needs for that client.
+    pub client_max_window_bits: Option<u8>,
+}
+
+impl CompressionSettings {
+    /// What the handshake's negotiation needs.
+    pub(crate) fn deflate_config(&self) -> crate::ws::deflate::DeflateConfig {
+        crate::ws::deflate::DeflateConfig {
+            level: self.level,
+            threshold: self.threshold,
+            client_no_context_takeover: self.client_no_context_takeover,
+            client_max_window_bits: self.client_max_window_bits,
+        }
+    }
 }
 
 /// Validated settings the server runs with. Built by [`Config::into_settings`], or by
@@ -369,6 +406,8 @@ impl Default for Settings {
                 enabled: true,
                 level: DEFAULT_COMPRESSION_LEVEL,
                 threshold: DEFAULT_COMPRESSION_THRESHOLD,
+                client_no_context_takeover: false,
+                client_max_window_bits: None,
             },
             subprotocols: SubprotocolPolicy::AcceptFirst,
             instance_name: default_instance_name(),
@@ -453,6 +492,19 @@ impl Config {
                 self.buffer_budget
             )));
         }
+        // tokio's semaphore holds at most `usize::MAX >> 3` permits (it panics past
+        // that), far above any memory a machine has.
+        if self.buffer_budget > tokio::sync::Semaphore::MAX_PERMITS {
+            return Err(Error::InvalidSettings(format!(
+                "--buffer-budget must be at most {}",
+                tokio::sync::Semaphore::MAX_PERMITS
+            )));
+        }
+        if self.write_buffer_limit == 0 {
+            return Err(Error::InvalidSettings(
+                "--write-buffer-limit must be at least 1".into(),
+            ));
+        }
         let allowed_origins = self
             .allowed_origins
             .iter()
@@ -509,6 +561,8 @@ impl Config {
                 enabled: !self.no_compression,
                 level: self.compression_level,
                 threshold: self.compression_threshold,
+                client_no_context_takeover: self.deflate_client_no_context_takeover,
+                client_max_window_bits: self.deflate_client_max_window_bits,
             },
             subprotocols,
             instance_name,
@@ -557,7 +611,13 @@ fn switched_off_by_environment(command: &clap::Command, arg: &clap::Arg) -> bool
 
 /// Whether `name` is an RFC 7230 token, the grammar of a subprotocol name.
 fn handshake_token(name: &str) -> bool {
-    !name.is_empty() && name.bytes().all(crate::handshake::is_token_byte)
+    !name.is_empty() && name.bytes().all(is_token_byte)
+}
+
+/// Whether `byte` may appear in an RFC 7230 token: subprotocol names here, and the
+/// handshake's header values (`ws::handshake`).
+pub(crate) fn is_token_byte(byte: u8) -> bool {
+    byte.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&byte)
 }
 
 #[cfg(test)]

@@ -9,26 +9,32 @@
 //! # Layout
 //!
 //! - `config`: the command line and environment ([`Config`]), validated into [`Settings`].
-//! - `server`: [`run`] accepts connections on a bound listener and drains them on shutdown.
-//! - `tls`: the rustls configuration ([`TlsSettings`]) and the per-connection TLS
-//!   handshake.
-//! - `app`: the router and the state every handler shares.
-//! - `assembly`: reassembles fragmented messages and validates text as it arrives.
-//! - `handshake`: checks an upgrade request and negotiates subprotocol and compression.
-//! - `deflate`: parses permessage-deflate offers and picks the one to accept.
-//! - `echo`: `GET /ws`, the per-connection echo loop; the only module that knows the
-//!   WebSocket engine.
-//! - `frame_guard`: a read-side guard for what the engine does not check itself.
-//! - `fast_echo`: echoes whole small messages where they are read, and keeps every
-//!   echo of an uncompressed connection in order in one output queue.
-//! - `waits`: the echo loop's shutdown and timer waits, polled only when they can end.
-//! - `hello`: the opt-in JSON greeting (`/ws?hello=1`).
-//! - `limits`: caps on open WebSockets, in all and per client address.
+//! - `http`: everything before a WebSocket exists. `server` ([`run`], [`Server`])
+//!   accepts connections, applies the caps and drains them on shutdown; `tls`
+//!   ([`TlsSettings`]); `app`, the router, and `state`, what handlers share; `page`
+//!   (`GET /`); `origin` ([`OriginPattern`]); `limits`, caps on open WebSockets;
+//!   `hello`, the opt-in greeting; `upgrade` (`GET /ws`), which hands a connection to
+//!   `ws` in a task of its own.
+//! - `ws`: the WebSocket protocol, ours from the frame up. `handshake` checks an upgrade
+//!   and negotiates subprotocol and compression (`deflate`); `frame` is the one frame
+//!   codec; `connection` the sans-IO state machine (fragments, UTF-8, control frames,
+//!   close, limits; violations in `close`); `echo` the policy that answers it; `driver`
+//!   the one I/O loop per connection that owns every read and write.
 //! - `metrics`: Prometheus series, defined once, served at `/metrics`.
-//! - `origin`: which web origins may connect.
-//! - `page`: `GET /`, the embedded HTML page.
 //! - `shutdown`: OS signals and the drain of open connections.
 //! - `error`: the errors a caller of this library can act on.
+//!
+//! # The path of a message
+//!
+//! 1. `ws::driver::Driver::poll_read_and_answer` reads what the socket has into a buffer
+//!    the thread shares, charged to the read budget.
+//! 2. `ws::connection::Receiver::receive` parses headers (`ws::frame::parse`), unmasks,
+//!    joins fragments, inflates and validates text, and calls the handler once per
+//!    message, control frame or violation.
+//! 3. `ws::echo` (the `Handler`) hands each message back to `ws::connection::Sender`,
+//!    which encodes (and compresses) it into the connection's `ws::outbox::Outbox`.
+//! 4. `ws::driver::Driver::poll_write_out` writes the outbox with one `writev` when
+//!    nothing more is there to read.
 //!
 //! # Example
 //!
@@ -43,34 +49,21 @@
 //! # }
 //! ```
 
-mod app;
-mod assembly;
 mod config;
-mod deflate;
-mod echo;
 mod error;
-mod fast_echo;
-mod frame_guard;
-mod handshake;
-mod hello;
-mod limits;
+mod http;
 mod metrics;
-mod origin;
-mod page;
-mod server;
 mod shutdown;
-mod tls;
-mod waits;
-// The new protocol core, tested on its own until the switch from the engine.
-#[allow(dead_code)]
 mod ws;
 
 pub use config::{CompressionSettings, Config, LogFormat, Settings, SubprotocolPolicy};
 pub use error::Error;
-pub use origin::OriginPattern;
-pub use server::{Server, run};
+pub use http::{
+    origin::OriginPattern,
+    server::{Server, run},
+    tls::TlsSettings,
+};
 pub use shutdown::shutdown_signal;
-pub use tls::TlsSettings;
 
 /// The address the server listens on when none is configured: the tutorial's.
 pub const DEFAULT_ADDR: &str = "127.0.0.1:3001";

@@ -382,18 +382,23 @@ pub(crate) struct EchoCounters {
     pub(crate) deflate_in: (Counter, Counter),
     /// Deflate payload and wire bytes, out.
     pub(crate) deflate_out: (Counter, Counter),
+    /// The wire halves of the two above (read, written), counted by the driver.
+    pub(crate) deflate_wire: (Counter, Counter),
 }
 
 impl EchoCounters {
     /// Resolves the handles from `metrics`.
     pub(crate) fn new(metrics: &Metrics) -> Self {
+        let deflate_in = metrics.deflate_counters(Direction::In);
+        let deflate_out = metrics.deflate_counters(Direction::Out);
         Self {
+            deflate_wire: (deflate_in.1.clone(), deflate_out.1.clone()),
             text_in: metrics.message_counters(Direction::In, MessageType::Text),
             binary_in: metrics.message_counters(Direction::In, MessageType::Binary),
             text_out: metrics.message_counters(Direction::Out, MessageType::Text),
             binary_out: metrics.message_counters(Direction::Out, MessageType::Binary),
-            deflate_in: metrics.deflate_counters(Direction::In),
-            deflate_out: metrics.deflate_counters(Direction::Out),
+            deflate_in,
+            deflate_out,
         }
     }
 }

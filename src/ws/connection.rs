@@ -17,6 +17,10 @@ use super::{
     utf8::Utf8Validator,
 };
 
+/// The most room reserved for a frame's payload before its bytes arrive; a larger
+/// frame grows its buffer as it comes (doubling).
+const RESERVE_AHEAD: usize = 1024 * 1024;
+
 /// What a data message carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Kind {
@@ -123,6 +127,8 @@ pub(crate) struct Receiver {
     /// A control frame's payload cut by the end of a read.
     control: Vec<u8>,
     state: State,
+    /// A Close frame arrived (valid or not).
+    close_received: bool,
 }
 
 impl Receiver {
@@ -137,19 +143,26 @@ impl Receiver {
             message: None,
             control: Vec::new(),
             state: State::Open,
+            close_received: false,
         }
     }
 
-    /// Bytes this receiver holds for a message in progress. (A buffer reserved for a
-    /// frame's announced length is not counted until its bytes arrive: untouched pages
-    /// take no memory.)
+    /// Bytes this receiver holds for a message in progress, counted by capacity: what
+    /// is allocated, not only what has arrived.
     pub(crate) fn buffered(&self) -> usize {
-        self.message.as_ref().map_or(0, |m| m.payload.len()) + self.control.len()
+        self.message.as_ref().map_or(0, |m| m.payload.capacity()) + self.control.capacity()
     }
 
-    /// Whether the peer's Close arrived (or nothing more can be read).
+    /// Whether the peer's Close arrived, or nothing more can be read (a header broke a
+    /// rule and frame boundaries are lost).
     pub(crate) fn is_done(&self) -> bool {
         self.state == State::Done
+    }
+
+    /// Whether the peer sent a Close frame (valid or not): the closing handshake is
+    /// over once ours is written.
+    pub(crate) fn close_received(&self) -> bool {
+        self.close_received
     }
 
     /// From now on data payloads are dropped unread: the server has sent its Close and
@@ -220,9 +233,10 @@ impl Receiver {
                 }
                 if !frame.skip && !header.opcode.is_control() {
                     if let Some(message) = self.message.as_mut().filter(|m| !m.compressed) {
-                        // Room for the whole frame at once (its length is within the
-                        // limits) instead of doubling as it arrives: no copies.
-                        message.payload.reserve_exact(len);
+                        // Room for the frame at once instead of doubling as it arrives,
+                        // but no more ahead of its bytes than one reservation: the
+                        // length is the peer's word, and capacity is memory held.
+                        message.payload.reserve_exact(len.min(RESERVE_AHEAD));
                     }
                 }
             }
@@ -444,10 +458,12 @@ impl Receiver {
             OpCode::Ping => handler.ping(payload),
             OpCode::Pong => handler.pong(payload),
             _ => {
-                let close = close::parse_payload(payload)?;
+                // A Close ends what the peer sends, valid or not (§5.5.1): after a bad
+                // one too, the server answers and closes without waiting for another.
                 self.state = State::Done;
+                self.close_received = true;
                 self.message = None;
-                handler.close(close);
+                handler.close(close::parse_payload(payload)?);
             }
         }
         Ok(())

@@ -1,12 +1,17 @@
 //! The WebSocket protocol, ours from the frame up: a sans-IO core (`frame`, `close`,
 //! `utf8`, `deflate`, `connection`, `outbox`) that turns bytes into events and frames
-//! into bytes. Not wired in yet: the engine (yawc) still serves connections.
+//! into bytes, the echo policy that answers events (`echo`), and the one I/O driver per
+//! connection that owns every read and write (`driver`).
 
 pub(crate) mod close;
 pub(crate) mod connection;
 pub(crate) mod deflate;
+pub(crate) mod driver;
+pub(crate) mod echo;
 pub(crate) mod frame;
+pub(crate) mod handshake;
 pub(crate) mod outbox;
 #[cfg(test)]
 mod proptests;
 pub(crate) mod utf8;
+pub(crate) mod waits;

@@ -72,6 +72,12 @@ impl Outbox {
         let header_len = tail.len() - before;
         match payload {
             Payload::Owned(buffer) if len >= OWN_SEGMENT_FROM => {
+                if buffer.capacity() > len + len / 2 {
+                    // A buffer grown by doubling, or reserved for a worst case (a
+                    // compressed echo), may wait long for a slow reader: keep only what
+                    // is sent.
+                    buffer.shrink_to_fit();
+                }
                 self.segments.push_back(std::mem::take(buffer));
                 self.tail_open = false;
             }

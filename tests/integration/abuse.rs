@@ -221,6 +221,40 @@ async fn refused_frame_during_the_closing_handshake_ends_it_at_once() {
     client.expect_eof().await;
 }
 
+/// Autobahn 7.9.x, 7.5.1, 7.3.2: a Close with an invalid code (or reason, or length)
+/// is answered with 1002 or 1007, and the server ends the connection at once: that Close
+/// was the client's last frame, so there is no other one to wait for (a server that
+/// waited was closed by the client instead, "FAILED BY CLIENT" under strict close).
+#[tokio::test]
+async fn an_invalid_close_is_answered_and_the_connection_ends_at_once() {
+    for (payload, code) in [(&[0x03, 0xED][..], 1002), (&[0x03, 0xE8, 0xFF][..], 1007)] {
+        let settings = ws_echo::Settings {
+            close_timeout: Duration::from_secs(60),
+            ping_interval: None,
+            ..Default::default()
+        };
+        let (_server, client) = in_memory(settings, 64 * 1024);
+        let (mut client, _) = raw_handshake(client, "").await;
+        client.patience = Duration::from_secs(5);
+        client.send(true, 0x8, payload).await;
+        assert_eq!(client.expect_close().await.close_code(), code);
+        client.expect_eof().await;
+        // Not just our side ended: the server stops reading too (the stream is gone),
+        // long before the 60 s close timeout.
+        let gone = async {
+            loop {
+                if client.stream.write_all(b"x").await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), gone)
+            .await
+            .expect("the server drops the connection");
+    }
+}
+
 #[tokio::test]
 async fn per_address_cap_answers_429() {
     let settings = ws_echo::Settings {

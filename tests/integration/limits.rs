@@ -96,3 +96,60 @@ async fn connection_cap_answers_503_and_recovers_when_clients_leave() {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
+
+/// Bytes that do not compress, the same on every run.
+fn incompressible(len: usize) -> Vec<u8> {
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 24) as u8
+        })
+        .collect()
+}
+
+/// Issue 11: Node's `ws` writes an over-limit message in full before it reads anything.
+/// The server must keep reading (and dropping) what the client sends until the
+/// client's Close: had it closed with those bytes unread, the kernel's reset would
+/// destroy the Close 1009 in flight, and the client would see 1006.
+#[tokio::test]
+async fn a_client_that_writes_a_whole_over_limit_frame_before_reading_gets_1009() {
+    let server = TestServer::start().await;
+    let (mut client, _) = server.raw("").await;
+    let frame = encode_frame(true, false, 0x2, &vec![7; 16 * 1024 * 1024 + 1], true);
+    client.send_bytes(&frame).await;
+    let close = client.expect_close().await;
+    assert_eq!(close.close_code(), 1009);
+    assert_eq!(&close.payload[2..], b"message exceeds the size limit");
+    client
+        .send_bytes(&encode_frame(true, false, 0x8, &close.payload[..2], true))
+        .await;
+    client.expect_eof().await;
+}
+
+/// Issue 11: a 16 MiB message that does not compress is larger than 16 MiB once
+/// deflated, and clients send it as one frame. The message limit applies to the
+/// message, so it is echoed.
+#[tokio::test]
+async fn a_sixteen_mib_message_that_does_not_compress_is_echoed_with_deflate() {
+    let server = TestServer::start().await;
+    let mut client = server.raw_deflate().await;
+    let message = incompressible(16 * 1024 * 1024);
+    let compressed = crate::support::deflate(&message);
+    assert!(
+        compressed.len() > message.len(),
+        "deflate adds its block headers"
+    );
+    client
+        .send_bytes(&encode_frame(true, true, 0x2, &compressed, true))
+        .await;
+    client.patience = std::time::Duration::from_secs(60);
+    let echo = client.read_frame().await.expect("the echo");
+    assert_eq!((echo.opcode, echo.fin), (0x2, true));
+    // Deflate would make it larger, so the server sends it as it is (RFC 7692 lets
+    // each message choose).
+    assert!(!echo.rsv1, "an incompressible echo is sent uncompressed");
+    assert!(echo.payload == message, "echo differs");
+}

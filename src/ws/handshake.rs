@@ -3,8 +3,8 @@
 //!
 //! Every refusal has its own precise HTTP answer, never a generic 400 or 500, because
 //! the people reading it are debugging their own client. Nothing here knows the
-//! WebSocket engine: the result is a response and the extension string both sides
-//! agreed to, which `echo` hands to the engine.
+//! WebSocket protocol: the result is a response and what both sides agreed to, which
+//! `echo` hands to the connection.
 
 use axum::{
     body::Body,
@@ -14,10 +14,8 @@ use axum::{
 use base64::{Engine, engine::general_purpose::STANDARD as BASE64};
 use sha1::{Digest, Sha1};
 
-use crate::{
-    config::{Settings, SubprotocolPolicy},
-    deflate,
-};
+use super::deflate;
+use crate::config::{Settings, SubprotocolPolicy, is_token_byte};
 
 /// RFC 6455 §1.3: appended to the client's key before hashing.
 const ACCEPT_GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
@@ -33,8 +31,8 @@ pub(crate) struct Accepted {
     accept_key: Option<String>,
     /// The selected subprotocol, if any.
     pub(crate) subprotocol: Option<String>,
-    /// The agreed `Sec-WebSocket-Extensions` value, if permessage-deflate was negotiated.
-    pub(crate) extensions: Option<String>,
+    /// The permessage-deflate agreement, if one was reached.
+    pub(crate) extensions: Option<deflate::Agreed>,
 }
 
 impl Accepted {
@@ -51,8 +49,8 @@ impl Accepted {
         if let Some(protocol) = &self.subprotocol {
             builder = builder.header(header::SEC_WEBSOCKET_PROTOCOL, protocol);
         }
-        if let Some(extensions) = &self.extensions {
-            builder = builder.header(header::SEC_WEBSOCKET_EXTENSIONS, extensions);
+        if let Some(agreed) = &self.extensions {
+            builder = builder.header(header::SEC_WEBSOCKET_EXTENSIONS, &agreed.response);
         }
         builder
             .body(Body::empty())
@@ -200,7 +198,12 @@ pub(crate) fn accept<B>(request: &Request<B>, settings: &Settings) -> Result<Acc
     let extensions = settings
         .compression
         .enabled
-        .then(|| deflate::negotiate(headers.get_all(header::SEC_WEBSOCKET_EXTENSIONS)))
+        .then(|| {
+            deflate::negotiate(
+                headers.get_all(header::SEC_WEBSOCKET_EXTENSIONS),
+                &settings.compression.deflate_config(),
+            )
+        })
         .flatten();
 
     Ok(Accepted {
@@ -273,11 +276,6 @@ fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) 
         .filter_map(|value| value.to_str().ok())
         .flat_map(|value| value.split(','))
         .any(|item| item.trim().eq_ignore_ascii_case(token))
-}
-
-/// Whether `byte` may appear in an RFC 7230 token.
-pub(crate) fn is_token_byte(byte: u8) -> bool {
-    byte.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&byte)
 }
 
 #[cfg(test)]

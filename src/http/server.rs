@@ -27,12 +27,16 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tower::ServiceExt;
 use tracing::{debug, info, warn};
 
+use super::{
+    app,
+    state::{AppState, PeerAddr, TlsInfo},
+    tls,
+};
 use crate::{
     Error,
-    app::{self, AppState, PeerAddr, TlsInfo},
     config::Settings,
     metrics::{Limit, Metrics},
-    shutdown, tls,
+    shutdown,
 };
 
 /// How long to pause accepting after an error such as "too many open files", so that

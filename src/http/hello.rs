@@ -9,7 +9,8 @@ use std::net::SocketAddr;
 use axum::extract::Request;
 use serde_json::{Value, json};
 
-use crate::{app::TlsInfo, handshake::Accepted};
+use super::state::TlsInfo;
+use crate::ws::handshake::Accepted;
 
 /// Whether the query string asks for the greeting: `hello=1`, `hello=true` or a bare
 /// `hello`.
@@ -48,7 +49,7 @@ pub(crate) fn message(
         "uri": request.uri().to_string(),
         "headers": headers,
         "subprotocol": accepted.subprotocol,
-        "extensions": accepted.extensions,
+        "extensions": accepted.extensions.as_ref().map(|agreed| &agreed.response),
         "tls": tls,
     })
     .to_string()

@@ -1,24 +1,17 @@
-//! The router and the state every handler shares. Handlers live next to what they serve
-//! (`page`, `echo`); this module only assembles them.
+//! What every handler and connection task shares ([`AppState`]), and the facts about a
+//! connection that the accept loop attaches to each request ([`PeerAddr`], [`TlsInfo`]).
+//! Both the router and the WebSocket upgrade read these; neither owns them.
 
 use std::{net::SocketAddr, sync::Arc};
 
-use axum::{
-    Router,
-    extract::State,
-    http::{HeaderName, HeaderValue, StatusCode},
-    routing::{any, get},
-};
 use tokio::sync::Semaphore;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tower_http::set_header::SetResponseHeaderLayer;
 
+use super::limits::ConnectionLimits;
 use crate::{
     config::Settings,
-    echo,
-    limits::ConnectionLimits,
-    metrics::{self, EchoCounters, Metrics},
-    page,
+    metrics::{EchoCounters, Metrics},
+    ws::echo::EchoConfig,
 };
 
 /// State shared by every handler and every connection task: one reference count, so
@@ -40,8 +33,8 @@ impl std::ops::Deref for AppState {
 pub(crate) struct SharedState {
     /// The settings the server was started with.
     pub(crate) settings: Arc<Settings>,
-    /// Engine configuration, shared by every WebSocket.
-    pub(crate) echo: Arc<echo::EchoConfig>,
+    /// What every WebSocket connection shares: limits, deadlines, ids.
+    pub(crate) echo: Arc<EchoConfig>,
     /// Cancelled when shutdown begins; every echo loop watches it.
     pub(crate) shutdown: CancellationToken,
     /// Tracks every connection task, so that shutdown can wait for them.
@@ -49,7 +42,7 @@ pub(crate) struct SharedState {
     /// Caps on open WebSockets. An admission is moved into the connection's task and
     /// frees its place when the task ends.
     pub(crate) limits: Arc<ConnectionLimits>,
-    /// The read budget in bytes, shared by every WebSocket (see `frame_guard`).
+    /// The read budget in bytes, shared by every WebSocket (see `ws::driver`).
     pub(crate) read_budget: Arc<Semaphore>,
     /// This server's metrics.
     pub(crate) metrics: Arc<Metrics>,
@@ -68,7 +61,7 @@ impl AppState {
         Self(Arc::new(SharedState {
             counters: Arc::new(EchoCounters::new(&metrics)),
             metrics,
-            echo: Arc::new(echo::EchoConfig::new(&settings)),
+            echo: Arc::new(EchoConfig::new(&settings)),
             limits: Arc::new(ConnectionLimits::new(
                 settings.max_connections,
                 settings.max_connections_per_ip,
@@ -94,52 +87,4 @@ pub(crate) struct TlsInfo {
     pub(crate) alpn: Option<String>,
     /// The server name the client asked for (SNI).
     pub(crate) server_name: Option<String>,
-}
-
-/// All routes. `/ws` takes any method: HTTP/1.1 upgrades arrive as GET and HTTP/2 ones
-/// (RFC 8441) as CONNECT, and the handler answers other methods with 405.
-pub(crate) fn router(state: AppState) -> Router {
-    let served_by = HeaderValue::from_str(&state.settings.instance_name)
-        .expect("invariant: Config::into_settings checked the instance name");
-    let metrics_here = state.settings.metrics_addr.is_none();
-    let metrics = Arc::clone(&state.metrics);
-    let router = Router::new()
-        .route("/", get(page::index))
-        .route("/ws", any(echo::upgrade))
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz));
-    let router = if metrics_here {
-        router.route("/metrics", get(metrics::handler).with_state(metrics))
-    } else {
-        router
-    };
-    router
-        .with_state(state)
-        // On every response, the 101 of an upgrade included.
-        .layer(SetResponseHeaderLayer::overriding(SERVED_BY, served_by))
-}
-
-/// The router of a separate metrics listener (`--metrics-listen`): `/metrics` only.
-pub(crate) fn metrics_router(metrics: Arc<Metrics>) -> Router {
-    Router::new()
-        .route("/metrics", get(metrics::handler))
-        .with_state(metrics)
-}
-
-/// The response header that names the instance that answered.
-pub(crate) const SERVED_BY: HeaderName = HeaderName::from_static("x-served-by");
-
-/// `GET /healthz`: the process is alive and serving HTTP.
-async fn healthz() -> &'static str {
-    "ok\n"
-}
-
-/// `GET /readyz`: ready for new connections; 503 from the moment a drain begins, so
-/// that load balancers stop sending new clients here.
-async fn readyz(State(state): State<AppState>) -> (StatusCode, &'static str) {
-    if state.shutdown.is_cancelled() {
-        (StatusCode::SERVICE_UNAVAILABLE, "draining\n")
-    } else {
-        (StatusCode::OK, "ready\n")
-    }
 }

@@ -1,0 +1,13 @@
+//! Everything before a WebSocket exists: the accept loop and its caps (`server`), TLS,
+//! the router and its state, the page, the origin policy, connection caps, the opt-in
+//! greeting, and the upgrade that hands a connection to `ws`.
+
+pub(crate) mod app;
+pub(crate) mod hello;
+pub(crate) mod limits;
+pub(crate) mod origin;
+pub(crate) mod page;
+pub(crate) mod server;
+pub(crate) mod state;
+pub(crate) mod tls;
+pub(crate) mod upgrade;

@@ -1,0 +1,671 @@
+//! The I/O driver of one WebSocket: the only code that reads from or writes to an
+//! upgraded connection. It reads into a buffer its thread shares with every other
+//! connection, feeds the bytes to the sans-IO [`Receiver`], lets the policy (the echo,
+//! in `echo`) answer into the [`Outbox`], and writes that out with one `writev` per
+//! wake-up. It also owns what a connection may hold (the read budget, backpressure) and
+//! every deadline (keepalive, idle, stall, close).
+//!
+//! Every Close the server starts goes through [`Driver::close`]: it queues the Close
+//! behind every echo, then keeps reading and dropping what the client still sends,
+//! until the client's Close, its EOF, the close timeout or a byte cap, so that the
+//! client always receives our Close (a lingering close, as nginx does: closing a socket
+//! with unread bytes makes the kernel send a reset that destroys what is in flight).
+
+use std::{
+    future::poll_fn,
+    io::IoSlice,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    sync::Semaphore,
+    time::{Instant, sleep_until, timeout},
+};
+use tokio_util::sync::{CancellationToken, PollSemaphore};
+use tracing::trace;
+
+use super::{
+    close::Violation,
+    connection::{Handler, Receiver, Sender},
+    outbox::{MAX_IO_SLICES, Outbox},
+};
+use prometheus_client::metrics::counter::Counter;
+
+use super::waits::{Waits, Woken};
+use crate::metrics::{Limit, Metrics};
+
+/// Bytes a connection may hold (message in progress and unwritten echoes) without
+/// charging the read budget: enough for every small-message workload, so only bulk
+/// senders ever wait for the budget.
+pub(crate) const FREE_ALLOWANCE: usize = 64 * 1024;
+
+/// The unit taken from the budget at a time past the allowance.
+const BUDGET_CHUNK: usize = 64 * 1024;
+
+/// Reads one wake-up may take before the connection yields to others.
+const MAX_READS_PER_POLL: u32 = 32;
+
+/// The least room worth a read: with less, a connection takes more from the budget
+/// first (or waits for it).
+const MIN_READ: usize = 4 * 1024;
+
+/// Size of the read buffer each thread shares among its connections, the event loop's
+/// buffer of uWebSockets: a read lands here and is taken apart before the next one, so
+/// idle connections hold no read buffer at all, and a message of up to 64 KiB takes one
+/// `recv`.
+const SCRATCH_SIZE: usize = 64 * 1024;
+
+thread_local! {
+    /// The shared read buffer (see [`SCRATCH_SIZE`]). Allocated zeroed on first use
+    /// (`calloc`: only the pages reads reach become resident).
+    static SCRATCH: std::cell::RefCell<Box<[u8]>> =
+        std::cell::RefCell::new(vec![0; SCRATCH_SIZE].into_boxed_slice());
+}
+
+/// Most bytes read and dropped while waiting for the peer's Close, as a multiple of the
+/// largest frame: enough for a client that writes a whole over-limit frame before it
+/// reads (Node's `ws` does), bounded for one that never stops.
+const LINGER_FRAMES: usize = 2;
+
+/// The deadlines and limits of one connection, from the settings.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Rules {
+    /// Keepalive ping interval.
+    pub(crate) ping_interval: Option<Duration>,
+    /// How long a ping may go unanswered.
+    pub(crate) ping_timeout: Duration,
+    /// Close after this long without a message.
+    pub(crate) idle_timeout: Option<Duration>,
+    /// Close a client that has not read its echoes for this long.
+    pub(crate) stall_timeout: Option<Duration>,
+    /// How long a Close we sent waits for the peer's.
+    pub(crate) close_timeout: Duration,
+    /// Stop reading while this many bytes are unwritten: TCP backpressure.
+    pub(crate) write_limit: usize,
+    /// Most bytes dropped unread while waiting for the peer's Close.
+    pub(crate) linger_limit: usize,
+    /// The whole read budget, in bytes: no connection waits for more.
+    pub(crate) budget: usize,
+}
+
+impl Rules {
+    /// The rules `settings` set.
+    pub(crate) fn new(settings: &crate::Settings) -> Self {
+        Self {
+            ping_interval: settings.ping_interval,
+            ping_timeout: settings.ping_timeout,
+            idle_timeout: settings.idle_timeout,
+            stall_timeout: settings.stall_timeout,
+            close_timeout: settings.close_timeout,
+            write_limit: settings.write_buffer_limit,
+            linger_limit: settings
+                .max_frame_size
+                .saturating_mul(LINGER_FRAMES)
+                .max(SCRATCH_SIZE),
+            budget: settings.buffer_budget,
+        }
+    }
+}
+
+/// How a connection ended.
+#[derive(Debug)]
+pub(crate) enum Ending {
+    /// The client sent Close; its code (1005 when it gave none) was echoed.
+    ClientClosed(u16),
+    /// The server sent Close with this code and reason; `Some` limit when a limit made
+    /// it close.
+    ServerClosed(u16, &'static str, Option<Limit>),
+    /// The client broke a protocol rule or a size limit; the server closed with the
+    /// violation's code.
+    ProtocolError(Violation),
+    /// The TCP connection ended without a closing handshake.
+    Dropped(String),
+}
+
+/// What the connection's policy (the echo) answers to what arrives, and what the
+/// driver learns from it.
+pub(crate) trait Policy {
+    /// The handler for the next batch of input: it may queue frames with `sender`.
+    fn handler<'p>(
+        &'p mut self,
+        sender: &'p mut Sender,
+        outbox: &'p mut Outbox,
+    ) -> impl Handler + 'p;
+    /// What happened in the input handed over so far that the driver must act on.
+    fn take_news(&mut self) -> News;
+    /// Publishes counts; called once per wake-up, before the echoes go out.
+    fn publish(&mut self);
+}
+
+/// What the policy saw since the driver last asked.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct News {
+    /// A message arrived (for the idle timeout).
+    pub(crate) message: bool,
+    /// The payload of a Pong, when one arrived that could answer our ping.
+    pub(crate) pong: Option<u64>,
+    /// The peer's Close arrived and its answer is queued: its code, 1005 for none.
+    pub(crate) peer_closed: Option<u16>,
+    /// The peer broke a rule, and our Close is queued.
+    pub(crate) violation: Option<Violation>,
+}
+
+/// What woke the loop.
+enum Event {
+    /// The peer's Close or a violation: the connection closes.
+    Closing,
+    /// The stream ended or failed.
+    Gone(String),
+    Shutdown,
+    Timer,
+}
+
+impl From<Woken> for Event {
+    fn from(woken: Woken) -> Self {
+        match woken {
+            Woken::Shutdown => Event::Shutdown,
+            Woken::Timer => Event::Timer,
+        }
+    }
+}
+
+/// One connection's I/O loop and everything it holds.
+pub(crate) struct Driver<'a, S> {
+    io: S,
+    /// Keepalive counters and the ping round-trip histogram.
+    metrics: &'a Metrics,
+    /// Wire bytes read and written, counted on compressed connections only.
+    wire: Option<&'a (Counter, Counter)>,
+    receiver: Receiver,
+    sender: Sender,
+    outbox: Outbox,
+    rules: Rules,
+    budget: PollSemaphore,
+    /// Permits taken from the budget and not given back.
+    acquired: usize,
+    /// Echoes were written since the last flush.
+    unflushed: bool,
+    /// The permits a read waits for, while it waits: writing (which frees some of what
+    /// the connection holds) may let it go on without them.
+    budget_wait: Option<u32>,
+    /// Since when the client has not taken its echoes.
+    stalled_since: Option<Instant>,
+    /// When the last message arrived (kept only with an idle timeout).
+    last_message: Instant,
+    next_ping: Option<Instant>,
+    /// The outstanding keepalive ping: its payload and when it went out.
+    awaiting_pong: Option<(u64, Instant)>,
+    pings_sent: u64,
+    /// What the policy reported and the loop has not acted on.
+    news: News,
+}
+
+impl<S> Drop for Driver<'_, S> {
+    fn drop(&mut self) {
+        self.budget.clone_inner().add_permits(self.acquired);
+    }
+}
+
+impl<'a, S: AsyncRead + AsyncWrite + Unpin> Driver<'a, S> {
+    /// A driver for `io`, which starts at a frame boundary (right after the handshake).
+    /// `wire` counts the bytes read and written (compressed connections).
+    pub(crate) fn new(
+        io: S,
+        metrics: &'a Metrics,
+        wire: Option<&'a (Counter, Counter)>,
+        receiver: Receiver,
+        sender: Sender,
+        rules: Rules,
+        budget: Arc<Semaphore>,
+    ) -> Self {
+        let now = Instant::now();
+        Self {
+            io,
+            metrics,
+            wire,
+            receiver,
+            sender,
+            outbox: Outbox::default(),
+            rules,
+            budget: PollSemaphore::new(budget),
+            acquired: 0,
+            unflushed: false,
+            budget_wait: None,
+            stalled_since: None,
+            last_message: now,
+            next_ping: rules.ping_interval.map(|interval| now + interval),
+            awaiting_pong: None,
+            pings_sent: 0,
+            news: News::default(),
+        }
+    }
+
+    /// The sending half and the outbox, to queue frames before the loop starts (the
+    /// greeting).
+    pub(crate) fn sending(&mut self) -> (&mut Sender, &mut Outbox) {
+        (&mut self.sender, &mut self.outbox)
+    }
+
+    /// Runs the connection to its end, `policy` answering what arrives.
+    pub(crate) async fn run(
+        mut self,
+        policy: &mut impl Policy,
+        shutdown: &CancellationToken,
+    ) -> Ending {
+        let cancelled = shutdown.cancelled();
+        tokio::pin!(cancelled);
+        let timer = sleep_until(self.next_deadline());
+        tokio::pin!(timer);
+        let mut waits = Waits::new(shutdown, cancelled, timer);
+        // A task is as large as its largest await, for all of its life: the closing
+        // paths are boxed so that an idle connection does not carry their state.
+        loop {
+            match poll_fn(|cx| self.poll_event(cx, policy, &mut waits)).await {
+                Event::Closing => {
+                    if let Some(violation) = self.news.violation {
+                        // Our Close is queued; however the wait for the client's ends,
+                        // the violation is what ended the connection.
+                        let _ = Box::pin(self.linger(policy)).await;
+                        return Ending::ProtocolError(violation);
+                    }
+                    let code = self.news.peer_closed.unwrap_or(1005);
+                    // Our answer is queued behind every echo: write it, then the server
+                    // closes TCP first (§7.1.1).
+                    let close_timeout = self.rules.close_timeout;
+                    let _ = timeout(close_timeout, Box::pin(self.write_all_and_shut(policy))).await;
+                    return Ending::ClientClosed(code);
+                }
+                Event::Gone(detail) => {
+                    // A client that sent its last messages and shut its side may still
+                    // read their echoes.
+                    if !self.outbox.is_empty() {
+                        let close_timeout = self.rules.close_timeout;
+                        let _ =
+                            timeout(close_timeout, Box::pin(self.write_all_and_shut(policy))).await;
+                    }
+                    return Ending::Dropped(detail);
+                }
+                Event::Shutdown => {
+                    return Box::pin(self.close(policy, 1001, "server shutting down", None)).await;
+                }
+                Event::Timer => {
+                    if let Some(ending) = Box::pin(self.on_timer(policy)).await {
+                        return ending;
+                    }
+                    waits.reset_timer(self.next_deadline());
+                }
+            }
+        }
+    }
+
+    /// Reads, answers and writes until something needs the loop's attention.
+    fn poll_event(
+        &mut self,
+        cx: &mut Context<'_>,
+        policy: &mut impl Policy,
+        waits: &mut Waits<'_, '_>,
+    ) -> Poll<Event> {
+        let mut reads = 0;
+        loop {
+            // Read while the echoes fit: past the limit the client is not reading
+            // them, and the server stops reading too.
+            if self.outbox.len() < self.rules.write_limit {
+                match self.poll_read_and_answer(cx, policy) {
+                    Poll::Ready(Ok(())) => {
+                        self.take_news(policy);
+                        if self.news.peer_closed.is_some() || self.news.violation.is_some() {
+                            return Poll::Ready(Event::Closing);
+                        }
+                        reads += 1;
+                        if reads == MAX_READS_PER_POLL {
+                            // A stream whose reads never wait (an HTTP/2 stream reads
+                            // from h2's buffer, outside tokio's cooperative budget) must
+                            // not hold the thread: write what is queued, then yield.
+                            policy.publish();
+                            if let Poll::Ready(Err(error)) = self.poll_write_out(cx) {
+                                return Poll::Ready(Event::Gone(error.to_string()));
+                            }
+                            cx.waker().wake_by_ref();
+                            return Poll::Pending;
+                        }
+                        continue;
+                    }
+                    Poll::Ready(Err(detail)) => return Poll::Ready(Event::Gone(detail)),
+                    Poll::Pending => {}
+                }
+            }
+            // Everything buffered is read: count it before its echoes go out.
+            policy.publish();
+            match self.poll_write_out(cx) {
+                Poll::Ready(Ok(true)) => continue,
+                Poll::Ready(Ok(false)) | Poll::Pending => {}
+                Poll::Ready(Err(error)) => return Poll::Ready(Event::Gone(error.to_string())),
+            }
+            self.release_budget();
+            let stalled = self.outbox.len() >= self.rules.write_limit;
+            if !stalled {
+                self.stalled_since = None;
+            } else if self.stalled_since.is_none() && self.rules.stall_timeout.is_some() {
+                trace!("client is not reading its echoes; reading paused");
+                self.stalled_since = Some(Instant::now());
+                waits.reset_timer(self.next_deadline());
+            }
+            return waits.poll(cx).map(Event::from);
+        }
+    }
+
+    /// Acts on what the policy saw in the last input.
+    fn take_news(&mut self, policy: &mut impl Policy) {
+        let news = policy.take_news();
+        if news.message && self.rules.idle_timeout.is_some() {
+            // Reading the clock costs ~40 instructions per echo; only the idle timeout
+            // needs it.
+            self.last_message = Instant::now();
+        }
+        if let (Some(payload), Some((sent, at))) = (news.pong, self.awaiting_pong) {
+            if payload == sent {
+                let rtt = at.elapsed();
+                trace!(rtt_us = rtt.as_micros() as u64, "pong");
+                self.metrics.ping_rtt.observe(rtt.as_secs_f64());
+                self.awaiting_pong = None;
+            }
+        }
+        self.news.peer_closed = self.news.peer_closed.or(news.peer_closed);
+        self.news.violation = self.news.violation.or(news.violation);
+    }
+
+    /// Reads what the socket has into the thread's buffer and hands it to the receiver
+    /// and the policy. `Err` when the stream ended or failed.
+    fn poll_read_and_answer(
+        &mut self,
+        cx: &mut Context<'_>,
+        policy: &mut impl Policy,
+    ) -> Poll<Result<(), String>> {
+        let room = std::task::ready!(self.poll_budget(cx));
+        SCRATCH.with_borrow_mut(|scratch| {
+            let mut buf = ReadBuf::new(&mut scratch[..room.min(SCRATCH_SIZE)]);
+            match Pin::new(&mut self.io).poll_read(cx, &mut buf) {
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(Err(error)) => Poll::Ready(Err(error.to_string())),
+                Poll::Ready(Ok(())) if buf.filled().is_empty() => {
+                    Poll::Ready(Err("connection closed".into()))
+                }
+                Poll::Ready(Ok(())) => {
+                    let input = buf.filled_mut();
+                    if let Some((read, _)) = self.wire {
+                        read.inc_by(input.len() as u64);
+                    }
+                    let mut handler = policy.handler(&mut self.sender, &mut self.outbox);
+                    self.receiver.receive(input, &mut handler);
+                    Poll::Ready(Ok(()))
+                }
+            }
+        })
+    }
+
+    /// Bytes this connection holds: the message in progress and unwritten frames.
+    fn held(&self) -> usize {
+        self.receiver.buffered() + self.outbox.len()
+    }
+
+    /// How much the next read may take: what the allowance and the permits taken cover.
+    /// Under [`MIN_READ`], it first takes what the connection holds beyond its permits
+    /// (an inflated message can grow past what its read was allowed) plus one chunk;
+    /// Pending while the budget is spent.
+    fn poll_budget(&mut self, cx: &mut Context<'_>) -> Poll<usize> {
+        let held = self.held();
+        let covered = (FREE_ALLOWANCE + self.acquired).saturating_sub(held);
+        if covered >= MIN_READ {
+            if self.budget_wait.take().is_some() {
+                // Written echoes made room while an acquire was queued: drop it (and
+                // whatever it was assigned goes back), or it would keep taking permits
+                // that no one counts.
+                self.budget = PollSemaphore::new(self.budget.clone_inner());
+            }
+            return Poll::Ready(covered);
+        }
+        // The same count while the wait lasts: a different one would requeue the
+        // acquire at the back of the semaphore's line.
+        let deficit = held.saturating_sub(FREE_ALLOWANCE + self.acquired);
+        let need = *self.budget_wait.get_or_insert(
+            u32::try_from((deficit + BUDGET_CHUNK).min(self.rules.budget)).unwrap_or(u32::MAX),
+        );
+        match std::task::ready!(self.budget.poll_acquire_many(cx, need)) {
+            Some(permit) => {
+                permit.forget();
+                self.budget_wait = None;
+                self.acquired += need as usize;
+                Poll::Ready((FREE_ALLOWANCE + self.acquired).saturating_sub(held))
+            }
+            // The semaphore is never closed; were it, read without it.
+            None => Poll::Ready(SCRATCH_SIZE),
+        }
+    }
+
+    /// Gives back the permits this connection no longer needs.
+    fn release_budget(&mut self) {
+        let needed = self.held().saturating_sub(FREE_ALLOWANCE);
+        if self.acquired > needed {
+            self.budget
+                .clone_inner()
+                .add_permits(self.acquired - needed);
+            self.acquired = needed;
+        }
+    }
+
+    /// Writes what the outbox holds, then flushes. `Ok(true)` when that may let a read
+    /// go on that could not (the outbox was over the write limit, or the read waited
+    /// for budget that written echoes held), `Ok(false)` when there is nothing more to
+    /// do.
+    fn poll_write_out(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<bool>> {
+        let was_full = self.outbox.len() >= self.rules.write_limit || self.budget_wait.is_some();
+        let mut wrote = false;
+        while !self.outbox.is_empty() {
+            let mut slices = [IoSlice::new(&[]); MAX_IO_SLICES];
+            let count = self.outbox.io_slices(&mut slices);
+            let written = std::task::ready!(
+                Pin::new(&mut self.io).poll_write_vectored(cx, &slices[..count])
+            )?;
+            if written == 0 {
+                return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+            }
+            self.outbox.advance(written);
+            self.unflushed = true;
+            wrote = true;
+            if let Some((_, counted)) = self.wire {
+                counted.inc_by(written as u64);
+            }
+        }
+        if self.unflushed {
+            std::task::ready!(Pin::new(&mut self.io).poll_flush(cx))?;
+            self.unflushed = false;
+        }
+        Poll::Ready(Ok(was_full && wrote))
+    }
+
+    /// Writes everything queued, then ends our side of the stream.
+    async fn write_all_and_shut(&mut self, policy: &mut impl Policy) {
+        policy.publish();
+        if poll_fn(|cx| self.poll_write_out(cx)).await.is_ok() {
+            let _ = poll_fn(|cx| Pin::new(&mut self.io).poll_shutdown(cx)).await;
+        }
+    }
+
+    /// Sends Close with `code` behind every queued echo and waits for the peer's Close
+    /// (see [`Driver::linger`]).
+    async fn close(
+        &mut self,
+        policy: &mut impl Policy,
+        code: u16,
+        reason: &'static str,
+        limit: Option<Limit>,
+    ) -> Ending {
+        self.sender.close(Some(code), reason, &mut self.outbox);
+        self.receiver.drain();
+        match self.linger(policy).await {
+            Ok(()) => Ending::ServerClosed(code, reason, limit),
+            Err(detail) if detail == TIMED_OUT => {
+                Ending::ServerClosed(code, "close handshake timed out", limit)
+            }
+            Err(detail) => Ending::Dropped(detail),
+        }
+    }
+
+    /// Our Close is queued: writes it, then reads and drops what the client sends
+    /// until its Close or its EOF, for at most the close timeout and
+    /// [`Rules::linger_limit`] bytes. `Err` says why it stopped early.
+    async fn linger(&mut self, policy: &mut impl Policy) -> Result<(), String> {
+        let mut dropped = 0;
+        let mut eof = false;
+        let mut shut = false;
+        let close_timeout = self.rules.close_timeout;
+        let wait = poll_fn(|cx| {
+            loop {
+                if let Poll::Ready(Err(error)) = self.poll_write_out(cx) {
+                    return Poll::Ready(Err(error.to_string()));
+                }
+                // The peer's Close came (or its EOF): done once ours is written. Until
+                // then, even after a header that lost us the frame boundaries, read and
+                // drop: closing with unread bytes would reset the connection.
+                if self.receiver.close_received() || eof {
+                    if self.outbox.is_empty() && !self.unflushed {
+                        return Poll::Ready(Ok(()));
+                    }
+                    // `poll_write_out` was Pending: it wakes us.
+                    return Poll::Pending;
+                }
+                if self.receiver.is_done() && !shut && self.outbox.is_empty() && !self.unflushed {
+                    // A header broke a rule and frame boundaries are lost: the peer's
+                    // Close can never be found. End our side now (the peer sees our
+                    // Close, then EOF) and go on dropping what it sends until its EOF.
+                    if let Poll::Ready(result) = Pin::new(&mut self.io).poll_shutdown(cx) {
+                        shut = true;
+                        if let Err(error) = result {
+                            return Poll::Ready(Err(error.to_string()));
+                        }
+                    }
+                }
+                if dropped >= self.rules.linger_limit {
+                    return Poll::Ready(Err(
+                        "closed with unread input past the linger limit".into()
+                    ));
+                }
+                let read = SCRATCH.with_borrow_mut(|scratch| {
+                    let want = (self.rules.linger_limit - dropped).min(SCRATCH_SIZE);
+                    let mut buf = ReadBuf::new(&mut scratch[..want]);
+                    std::task::ready!(Pin::new(&mut self.io).poll_read(cx, &mut buf))?;
+                    let input = buf.filled_mut();
+                    dropped += input.len();
+                    let mut handler = policy.handler(&mut self.sender, &mut self.outbox);
+                    self.receiver.receive(input, &mut handler);
+                    Poll::Ready(Ok::<_, std::io::Error>(input.is_empty()))
+                });
+                match read {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Err(error)) => return Poll::Ready(Err(error.to_string())),
+                    // The peer closed its side: it may still read what we send.
+                    Poll::Ready(Ok(true)) => eof = true,
+                    Poll::Ready(Ok(false)) => self.take_news(policy),
+                }
+            }
+        });
+        let result = match timeout(close_timeout, wait).await {
+            Ok(result) => result,
+            Err(_) => Err(TIMED_OUT.into()),
+        };
+        if !shut {
+            let _ = timeout(
+                self.rules.close_timeout,
+                poll_fn(|cx| Pin::new(&mut self.io).poll_shutdown(cx)),
+            )
+            .await;
+        }
+        result
+    }
+
+    /// Keepalive, idle and stall deadlines; `Some` when the connection is over.
+    async fn on_timer(&mut self, policy: &mut impl Policy) -> Option<Ending> {
+        let now = Instant::now();
+        if let (Some(since), Some(limit)) = (self.stalled_since, self.rules.stall_timeout) {
+            if now >= since + limit {
+                // The client takes nothing, so there is no handshake to wait for: the
+                // Close goes out only if the socket has room for it now.
+                let reason = "client stopped reading its echoes";
+                return Some(self.close_at_once(policy, 1008, reason, Limit::Stall));
+            }
+        }
+        if let Some((_, sent_at)) = self.awaiting_pong {
+            if now >= sent_at + self.rules.ping_timeout {
+                let reason = "keepalive ping unanswered";
+                return Some(self.close_at_once(policy, 1001, reason, Limit::Keepalive));
+            }
+        }
+        if let Some(idle) = self.rules.idle_timeout {
+            if now >= self.last_message + idle {
+                return Some(
+                    self.close(policy, 1000, "idle timeout", Some(Limit::Idle))
+                        .await,
+                );
+            }
+        }
+        if let (Some(due), Some(interval)) = (self.next_ping, self.rules.ping_interval) {
+            if now >= due {
+                self.next_ping = Some(now + interval);
+                // A connection whose echoes wait for room is busy, not idle.
+                // Nor is one waiting for the read budget: it could not read the Pong.
+                if self.outbox.is_empty()
+                    && self.awaiting_pong.is_none()
+                    && self.budget_wait.is_none()
+                {
+                    self.pings_sent += 1;
+                    self.sender
+                        .ping(&self.pings_sent.to_be_bytes(), &mut self.outbox);
+                    self.metrics.pings_sent.inc();
+                    self.awaiting_pong = Some((self.pings_sent, now));
+                    let _ = poll_fn(|cx| Poll::Ready(self.poll_write_out(cx))).await;
+                }
+            }
+        }
+        None
+    }
+
+    /// Queues Close, writes what the socket takes now, and ends.
+    fn close_at_once(
+        &mut self,
+        policy: &mut impl Policy,
+        code: u16,
+        reason: &'static str,
+        limit: Limit,
+    ) -> Ending {
+        self.sender.close(Some(code), reason, &mut self.outbox);
+        policy.publish();
+        let waker = std::task::Waker::noop();
+        let _ = self.poll_write_out(&mut Context::from_waker(waker));
+        Ending::ServerClosed(code, reason, Some(limit))
+    }
+
+    /// The earliest instant a timer needs the loop's attention.
+    fn next_deadline(&self) -> Instant {
+        let far = Instant::now() + Duration::from_secs(86_400 * 365);
+        let pong = self
+            .awaiting_pong
+            .map(|(_, sent)| sent + self.rules.ping_timeout);
+        let idle = self.rules.idle_timeout.map(|idle| self.last_message + idle);
+        let stall = self
+            .stalled_since
+            .zip(self.rules.stall_timeout)
+            .map(|(since, limit)| since + limit);
+        [self.next_ping, pong, idle, stall]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(far)
+    }
+}
+
+/// `linger`'s answer when the close timeout passed first.
+const TIMED_OUT: &str = "close handshake timed out";
