@@ -76,8 +76,8 @@ options:
   --against SERVER     baseline (default): the tutorial's handler; fastwebsockets: that
                        crate's echo example; ceiling: a minimal echo that checks
                        nothing, the floor the kernel sets (targets only for baseline)
-  --client LIB         raw (default; yawc where compression is offered), yawc or
-                       tungstenite: the generator's WebSocket client
+  --client LIB         raw (default) or tungstenite: the generator's WebSocket client
+                       (tungstenite cannot offer permessage-deflate, which W5 needs)
   --send-each          write every message as it is sent, as a browser does, instead of
                        coalescing a connection's sends into one write per wake-up
   --ws-echo-arg ARG    pass ARG to ws_echo (repeatable), e.g. --ws-echo-arg=--no-compression
@@ -139,7 +139,6 @@ impl Args {
                 "--client" => {
                     args.client = match value()?.as_str() {
                         "raw" => ClientLib::Raw,
-                        "yawc" => ClientLib::Yawc,
                         "tungstenite" | "tokio-tungstenite" => ClientLib::Tungstenite,
                         other => return Err(format!("unknown client library {other:?}")),
                     }
@@ -353,13 +352,8 @@ fn print_header(args: &Args, pinned: bool, nofile: u64) {
         servers::SERVER_CPU
     );
     println!(
-        "generator: {} client{}, current-thread runtime, {}; {cpu}",
+        "generator: {} client, current-thread runtime, {}; {cpu}",
         args.client.name(),
-        if args.client == ClientLib::Raw {
-            " (yawc where compression is offered)"
-        } else {
-            ""
-        },
         if pinned {
             format!("pinned to CPU {GENERATOR_CPU}")
         } else {

@@ -25,7 +25,6 @@ use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
 use tokio::{net::TcpStream, task::JoinSet, time::timeout};
 use tokio_tungstenite::{WebSocketStream, tungstenite::Message};
-use yawc::{CompressionLevel, Frame, OpCode, Options, WebSocket};
 
 use crate::raw::RawClient;
 
@@ -35,23 +34,23 @@ pub(crate) type Error = String;
 /// Longest a handshake may take before the round fails.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// Largest message the clients accept: above W3's 1 MiB, which is yawc's default limit.
-const MAX_MESSAGE: usize = 64 * 1024 * 1024;
+/// Largest echo the raw client inflates: far above any workload's message (W3's 1 MiB is
+/// the largest), so that only a runaway echo fails a round. tokio-tungstenite's default
+/// limit is the same.
+pub(crate) const MAX_MESSAGE: usize = 64 * 1024 * 1024;
 
 /// Highest latency the histograms hold: one minute, in nanoseconds.
 const MAX_LATENCY_NS: u64 = 60_000_000_000;
 
-/// Which WebSocket client drives the load, chosen with `--client`. `raw` is the
-/// default for workloads without compression, yawc for those with it (see
+/// Which WebSocket client drives the load, chosen with `--client`; `raw` by default (see
 /// benches/README.md for what each costs the generator).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum ClientLib {
     /// Pre-encoded frames written and echoes parsed by `raw::RawClient`: the cheapest
-    /// generator, so that it is not what limits W1p. Cannot offer compression.
+    /// generator, so that it is not what limits W1p. Offers permessage-deflate where the
+    /// workload does.
     Raw,
-    /// yawc's own client, `WebSocket::handshake` over a `TcpStream`.
-    Yawc,
-    /// tokio-tungstenite 0.29, axum's WebSocket library.
+    /// tokio-tungstenite 0.29, axum's WebSocket library. Cannot offer compression.
     Tungstenite,
 }
 
@@ -59,18 +58,7 @@ impl ClientLib {
     pub(crate) fn name(self) -> &'static str {
         match self {
             Self::Raw => "raw",
-            Self::Yawc => "yawc",
             Self::Tungstenite => "tokio-tungstenite",
-        }
-    }
-
-    /// The client used for `spec`: `raw` cannot negotiate compression, so a workload
-    /// that offers it falls back to yawc.
-    pub(crate) fn for_spec(self, spec: &EchoSpec) -> Self {
-        if self == Self::Raw && spec.compression {
-            Self::Yawc
-        } else {
-            self
         }
     }
 }
@@ -223,13 +211,12 @@ impl Tally {
     }
 }
 
-/// A connected client of either library, with the message it keeps sending.
+/// A connected client of either kind, with the message it keeps sending.
 // Not boxed: each client is moved once into its connection's task, and a box would add
 // a pointer chase to every poll of the hot loop.
 #[allow(clippy::large_enum_variant)]
 pub(crate) enum Client {
     Raw(RawClient),
-    Yawc(WebSocket<TcpStream>, Frame),
     Tungstenite(WebSocketStream<TcpStream>, Message),
 }
 
@@ -246,35 +233,21 @@ impl Client {
         tcp.set_nodelay(true)
             .map_err(|error| format!("TCP_NODELAY: {error}"))?;
         let message = spec.message();
-        let url = format!("ws://{addr}/ws");
-        match lib.for_spec(spec) {
+        match lib {
             ClientLib::Raw => {
                 let opcode = match spec.payload {
                     Payload::Text | Payload::Json => 0x1,
                     Payload::Binary => 0x2,
                 };
                 Ok(Self::Raw(
-                    RawClient::handshake(tcp, addr, opcode, &message).await?,
+                    RawClient::handshake(tcp, addr, opcode, &message, spec.compression).await?,
                 ))
-            }
-            ClientLib::Yawc => {
-                let mut options = Options::default().with_max_payload_read(MAX_MESSAGE);
-                if spec.compression {
-                    options = options.with_compression_level(CompressionLevel::fast());
-                }
-                let ws = WebSocket::handshake(url.parse().expect("valid URL"), tcp, options)
-                    .await
-                    .map_err(|error| format!("yawc handshake: {error}"))?;
-                let frame = match spec.payload {
-                    Payload::Text | Payload::Json => Frame::text(message),
-                    Payload::Binary => Frame::binary(message),
-                };
-                Ok(Self::Yawc(ws, frame))
             }
             ClientLib::Tungstenite => {
                 if spec.compression {
                     return Err("tokio-tungstenite 0.29 cannot offer permessage-deflate".into());
                 }
+                let url = format!("ws://{addr}/ws");
                 let (ws, _) = tokio_tungstenite::client_async(url, tcp)
                     .await
                     .map_err(|error| format!("tungstenite handshake: {error}"))?;
@@ -297,22 +270,6 @@ impl Client {
         loop {
             match self {
                 Self::Raw(client) => return client.poll_message(cx),
-                Self::Yawc(ws, _) => {
-                    let frame = match ready!(ws.poll_next_frame(cx)) {
-                        Ok(frame) => frame,
-                        Err(yawc::WebSocketError::ConnectionClosed) => {
-                            return Poll::Ready(Ok(None));
-                        }
-                        Err(error) => return Poll::Ready(Err(error.to_string())),
-                    };
-                    match frame.opcode() {
-                        OpCode::Text | OpCode::Binary => {
-                            return Poll::Ready(Ok(Some(frame.payload().len())));
-                        }
-                        OpCode::Close => return Poll::Ready(Ok(None)),
-                        _ => continue,
-                    }
-                }
                 Self::Tungstenite(ws, _) => match ready!(ws.poll_next_unpin(cx)) {
                     Some(Ok(Message::Text(text))) => return Poll::Ready(Ok(Some(text.len()))),
                     Some(Ok(Message::Binary(data))) => return Poll::Ready(Ok(Some(data.len()))),
@@ -327,7 +284,6 @@ impl Client {
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
         match self {
             Self::Raw(client) => client.poll_ready(cx),
-            Self::Yawc(ws, _) => ws.poll_ready_unpin(cx).map_err(|error| error.to_string()),
             Self::Tungstenite(ws, _) => ws.poll_ready_unpin(cx).map_err(|error| error.to_string()),
         }
     }
@@ -339,9 +295,6 @@ impl Client {
                 client.start_send();
                 Ok(())
             }
-            Self::Yawc(ws, frame) => ws
-                .start_send_unpin(frame.clone())
-                .map_err(|error| error.to_string()),
             Self::Tungstenite(ws, message) => ws
                 .start_send_unpin(message.clone())
                 .map_err(|error| error.to_string()),
@@ -351,7 +304,6 @@ impl Client {
     fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
         match self {
             Self::Raw(client) => client.poll_flush(cx),
-            Self::Yawc(ws, _) => ws.poll_flush_unpin(cx).map_err(|error| error.to_string()),
             Self::Tungstenite(ws, _) => ws.poll_flush_unpin(cx).map_err(|error| error.to_string()),
         }
     }
