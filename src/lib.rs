@@ -64,6 +64,10 @@ pub use http::{
     tls::TlsSettings,
 };
 pub use shutdown::shutdown_signal;
+/// The sans-IO core for the fuzzer (`fuzz/fuzz_targets/receiver.rs`); not an API.
+#[cfg(fuzzing)]
+#[doc(hidden)]
+pub use ws::fuzzing::receive_twice as fuzz_receiver;
 
 /// The address the server listens on when none is configured: the tutorial's.
 pub const DEFAULT_ADDR: &str = "127.0.0.1:3001";

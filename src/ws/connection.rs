@@ -14,7 +14,7 @@ use super::{
     deflate::{self, InflateError, Inflater, Params},
     frame::{self, Header, OpCode},
     outbox::{Outbox, Payload},
-    utf8::Utf8Validator,
+    utf8::{self, Utf8Validator},
 };
 
 /// The most room reserved for a frame's payload before its bytes arrive; a larger
@@ -211,24 +211,36 @@ impl Receiver {
                     }
                 };
                 *input = &mut std::mem::take(input)[used..];
+                if self.is_whole_message(&header, input.len()) {
+                    // The common case: a whole unfragmented, uncompressed message in
+                    // this read, handed over where it lies.
+                    let (payload, rest) = std::mem::take(input).split_at_mut(header.len as usize);
+                    *input = rest;
+                    if header.opcode == OpCode::Text {
+                        frame::unmask(payload, header.mask, 0);
+                        if !utf8::is_utf8(payload) {
+                            return Err(Violation::InvalidUtf8);
+                        }
+                        handler.message(Kind::Text, Payload::Slice(payload));
+                    } else {
+                        // Unmasked as it is copied out, in one pass.
+                        handler.message(Kind::Binary, Payload::Masked(payload, header.mask));
+                    }
+                    continue;
+                }
                 self.start_frame(header)?;
                 let frame = self
                     .frame
                     .as_ref()
                     .expect("invariant: start_frame sets the frame it accepts");
-                // The common case: a whole frame in this read that is a whole message
-                // or a control frame is handled where it lies, without a copy.
                 let len = header.len as usize;
-                if !frame.skip
-                    && header.len <= input.len() as u64
-                    && (header.opcode.is_control()
-                        || (header.fin && !header.rsv1 && header.opcode != OpCode::Continuation))
-                {
+                // A whole control frame in this read is handled where it lies too.
+                if !frame.skip && header.opcode.is_control() && header.len <= input.len() as u64 {
                     self.frame = None;
                     let (payload, rest) = std::mem::take(input).split_at_mut(len);
                     *input = rest;
                     frame::unmask(payload, header.mask, 0);
-                    self.whole_frame(header, payload, handler)?;
+                    self.control_frame(header.opcode, payload, handler)?;
                     continue;
                 }
                 if !frame.skip && !header.opcode.is_control() {
@@ -266,6 +278,7 @@ impl Receiver {
     /// The header at the start of `input`, completing one cut by the last read: the
     /// header and how many bytes of `input` it took. `None` when `input` ends inside
     /// it (kept for the next read).
+    #[inline]
     fn next_header(&mut self, input: &[u8]) -> Result<Option<(Header, usize)>, Violation> {
         if self.header_len == 0 {
             if let Some(found) = frame::parse(input)? {
@@ -355,26 +368,17 @@ impl Receiver {
         violation
     }
 
-    /// A whole frame found in one read: a control frame, or a whole uncompressed
-    /// message (`start_frame` has set up neither a message nor a frame for it to use).
-    fn whole_frame(
-        &mut self,
-        header: Header,
-        payload: &mut [u8],
-        handler: &mut impl Handler,
-    ) -> Result<(), Violation> {
-        if header.opcode.is_control() {
-            return self.control_frame(header.opcode, payload, handler);
-        }
-        let message = self
-            .message
-            .take()
-            .expect("invariant: start_frame opens a message for every unskipped data frame");
-        if message.kind == Kind::Text && std::str::from_utf8(payload).is_err() {
-            return Err(Violation::InvalidUtf8);
-        }
-        handler.message(message.kind, Payload::Slice(payload));
-        Ok(())
+    /// Whether `header` starts a whole uncompressed message of one frame whose payload
+    /// is all in the `available` bytes, within the limits, while no message is open.
+    #[inline]
+    fn is_whole_message(&self, header: &Header, available: usize) -> bool {
+        header.fin
+            && !header.rsv1
+            && matches!(header.opcode, OpCode::Text | OpCode::Binary)
+            && header.len <= available as u64
+            && header.len <= self.limits.max_frame.min(self.limits.max_message) as u64
+            && self.message.is_none()
+            && self.state == State::Open
     }
 
     /// Adds a piece of payload (unmasked) to the control frame or message it belongs to.
@@ -501,11 +505,13 @@ impl Sender {
 
     /// Queues a message as one frame, compressed when deflate was agreed and it is
     /// long enough to gain from it. Nothing is queued after our Close.
+    #[inline]
     pub(crate) fn message(&mut self, kind: Kind, payload: Payload<'_>, out: &mut Outbox) {
         self.fragmented(kind, payload, usize::MAX, out);
     }
 
     /// Queues a message as frames of at most `max_frame` payload bytes (at least one).
+    #[inline]
     pub(crate) fn fragmented(
         &mut self,
         kind: Kind,
@@ -516,36 +522,16 @@ impl Sender {
         if self.closed {
             return;
         }
-        let bytes = payload.as_slice();
-        let mut compressed = Vec::new();
-        let (rsv1, payload) = match &self.deflate {
-            Some(params) if bytes.len() >= params.threshold => {
-                deflate::deflate_message(bytes, params, &mut compressed);
-                // Data that does not compress goes out as it is (RFC 7692 lets each
-                // message choose): deflate would only make it larger.
-                if compressed.len() < bytes.len() {
-                    (true, Payload::Owned(&mut compressed))
-                } else {
-                    (false, payload)
-                }
-            }
-            _ => (false, payload),
-        };
         let max_frame = max_frame.max(1);
-        if payload.as_slice().len() <= max_frame {
-            out.push_frame(true, rsv1, kind.opcode(), payload);
+        let compress = self
+            .deflate
+            .filter(|params| payload.len() >= params.threshold);
+        if compress.is_none() && payload.len() <= max_frame {
+            // The common case: one frame, the payload copied (or taken) once.
+            out.push_frame(true, false, kind.opcode(), payload);
             return;
         }
-        let bytes = payload.as_slice();
-        let mut pieces = bytes.chunks(max_frame).peekable();
-        let mut opcode = kind.opcode();
-        let mut first = true;
-        while let Some(piece) = pieces.next() {
-            let fin = pieces.peek().is_none();
-            out.push_frame(fin, rsv1 && first, opcode, Payload::Slice(piece));
-            opcode = OpCode::Continuation;
-            first = false;
-        }
+        encode_slow(kind, payload, max_frame, compress.as_ref(), out);
     }
 
     /// Queues a Ping.
@@ -583,50 +569,68 @@ impl Sender {
     }
 }
 
+/// Compresses and/or fragments a message: the rarer paths of [`Sender::fragmented`],
+/// kept out of line so that the common one stays small.
+#[inline(never)]
+fn encode_slow(
+    kind: Kind,
+    payload: Payload<'_>,
+    max_frame: usize,
+    compress: Option<&Params>,
+    out: &mut Outbox,
+) {
+    let plain = payload.to_plain();
+    let mut compressed = Vec::new();
+    let (rsv1, bytes) = match compress {
+        Some(params) => {
+            deflate::deflate_message(&plain, params, &mut compressed);
+            // Data that does not compress goes out as it is (RFC 7692 lets each
+            // message choose): deflate would only make it larger.
+            if compressed.len() < plain.len() {
+                (true, compressed.as_slice())
+            } else {
+                (false, &*plain)
+            }
+        }
+        None => (false, &*plain),
+    };
+    if bytes.len() <= max_frame {
+        let payload = if rsv1 {
+            Payload::Owned(&mut compressed)
+        } else {
+            match payload {
+                // Not copied yet: hand the buffer itself over.
+                Payload::Owned(buffer) => Payload::Owned(buffer),
+                _ => Payload::Slice(bytes),
+            }
+        };
+        out.push_frame(true, rsv1, kind.opcode(), payload);
+        return;
+    }
+    let mut pieces = bytes.chunks(max_frame).peekable();
+    let mut opcode = kind.opcode();
+    let mut first = true;
+    while let Some(piece) = pieces.next() {
+        let fin = pieces.peek().is_none();
+        out.push_frame(fin, rsv1 && first, opcode, Payload::Slice(piece));
+        opcode = OpCode::Continuation;
+        first = false;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ws::frame::client_frame;
+    use crate::ws::{
+        frame::client_frame,
+        fuzzing::{Record, Seen},
+    };
 
     const MASK: [u8; 4] = [0xA1, 0x02, 0x7F, 0x33];
     const LIMITS: Limits = Limits {
         max_frame: 1000,
         max_message: 2000,
     };
-
-    /// Everything a receiver reported, in order.
-    #[derive(Debug, Clone, PartialEq, Eq)]
-    enum Seen {
-        Message(Kind, Vec<u8>),
-        Ping(Vec<u8>),
-        Pong(Vec<u8>),
-        Close(Option<(u16, String)>),
-        Violation(Violation),
-    }
-
-    #[derive(Default)]
-    struct Record(Vec<Seen>);
-
-    impl Handler for Record {
-        fn message(&mut self, kind: Kind, payload: Payload<'_>) {
-            self.0
-                .push(Seen::Message(kind, payload.as_slice().to_vec()));
-        }
-        fn ping(&mut self, payload: &[u8]) {
-            self.0.push(Seen::Ping(payload.to_vec()));
-        }
-        fn pong(&mut self, payload: &[u8]) {
-            self.0.push(Seen::Pong(payload.to_vec()));
-        }
-        fn close(&mut self, close: Option<(u16, &str)>) {
-            self.0.push(Seen::Close(
-                close.map(|(code, reason)| (code, reason.to_owned())),
-            ));
-        }
-        fn violation(&mut self, violation: Violation) {
-            self.0.push(Seen::Violation(violation));
-        }
-    }
 
     fn deflate_params() -> Params {
         Params {

@@ -133,8 +133,9 @@ struct Replies<'p, 'a> {
 }
 
 impl Handler for Replies<'_, '_> {
+    #[inline]
     fn message(&mut self, kind: Kind, payload: Payload<'_>) {
-        let len = payload.as_slice().len() as u64;
+        let len = payload.len() as u64;
         let stats = &mut self.echo.stats;
         stats.messages_in += 1;
         stats.bytes_in += len;
@@ -142,7 +143,9 @@ impl Handler for Replies<'_, '_> {
         stats.bytes_out += len;
         self.echo.unpublished.add(kind, len);
         self.echo.news.message = true;
-        log_message(kind, payload.as_slice());
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            log_message(kind, &payload.to_plain());
+        }
         // The echo is one frame; a large payload is written from the buffer it was
         // received in, not copied.
         self.sender.message(kind, payload, self.outbox);
@@ -237,9 +240,6 @@ impl Unpublished {
 /// The tutorial's `Got message: …` line, at debug level: text shortened, binary as its
 /// length. Payloads never reach the info level.
 fn log_message(kind: Kind, payload: &[u8]) {
-    if !tracing::enabled!(tracing::Level::DEBUG) {
-        return;
-    }
     match kind {
         Kind::Text => {
             let text = String::from_utf8_lossy(payload);

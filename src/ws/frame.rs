@@ -15,9 +15,6 @@ pub(crate) const MAX_CONTROL_PAYLOAD: usize = 125;
 /// The longest frame header: 2 bytes, an 8-byte length and a 4-byte mask key.
 pub(crate) const MAX_HEADER_LEN: usize = 14;
 
-/// The longest header the server writes: it never masks (§5.1).
-pub(crate) const MAX_SERVER_HEADER_LEN: usize = 10;
-
 /// A frame's opcode (§5.2); the reserved ones never get this far.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum OpCode {
@@ -65,6 +62,7 @@ pub(crate) struct Header {
 ///
 /// The [`Violation`] of the first rule the header breaks, which a header can show as
 /// soon as its first two bytes are here.
+#[inline]
 pub(crate) fn parse(bytes: &[u8]) -> Result<Option<(Header, usize)>, Violation> {
     let [first, second, ..] = *bytes else {
         return Ok(None);
@@ -127,10 +125,14 @@ pub(crate) fn parse(bytes: &[u8]) -> Result<Option<(Header, usize)>, Violation> 
 
 /// Appends an unmasked server frame header to `out`, with the length in its shortest
 /// form (§5.2).
+#[inline]
 pub(crate) fn encode_header(out: &mut Vec<u8>, fin: bool, rsv1: bool, opcode: OpCode, len: usize) {
     let first = (u8::from(fin) << 7) | (u8::from(rsv1) << 6) | opcode as u8;
     match len {
-        0..=125 => out.extend_from_slice(&[first, len as u8]),
+        0..=125 => {
+            out.push(first);
+            out.push(len as u8);
+        }
         126..=0xFFFF => {
             let [a, b] = (len as u16).to_be_bytes();
             out.extend_from_slice(&[first, 126, a, b]);
@@ -147,9 +149,16 @@ pub(crate) fn encode_header(out: &mut Vec<u8>, fin: bool, rsv1: bool, opcode: Op
 pub(crate) fn unmask(payload: &mut [u8], mask: [u8; 4], offset: u64) {
     // Rotate the key so that it starts at this piece's first byte.
     let shift = (offset % 4) as usize;
-    let key: [u8; 4] = std::array::from_fn(|i| mask[(i + shift) % 4]);
-    // A fixed-width loop the compiler vectorises: 32 bytes per step instead of one.
-    // echo_load W2 (16 KiB messages): the bytewise loop was a fifth of user time.
+    let key = [
+        mask[shift],
+        mask[(shift + 1) % 4],
+        mask[(shift + 2) % 4],
+        mask[(shift + 3) % 4],
+    ];
+    // A fixed-width loop the compiler vectorises: 32 bytes a step, then 4, then 1.
+    // callgrind: 3,865 instructions for 16 KiB and 41 for 20 bytes, against 4,652 and
+    // 79 for a loop that rotated the key inside the wide one, and a bytewise loop was a
+    // fifth of all user time in echo_load W2.
     const WIDTH: usize = 32;
     let wide: [u8; WIDTH] = std::array::from_fn(|i| key[i % 4]);
     let mut chunks = payload.chunks_exact_mut(WIDTH);
@@ -158,8 +167,14 @@ pub(crate) fn unmask(payload: &mut [u8], mask: [u8; 4], offset: u64) {
             *byte ^= k;
         }
     }
-    for (i, byte) in chunks.into_remainder().iter_mut().enumerate() {
-        *byte ^= key[i % 4];
+    let word = u32::from_ne_bytes(key);
+    let mut words = chunks.into_remainder().chunks_exact_mut(4);
+    for bytes in &mut words {
+        let unmasked = u32::from_ne_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) ^ word;
+        bytes.copy_from_slice(&unmasked.to_ne_bytes());
+    }
+    for (byte, k) in words.into_remainder().iter_mut().zip(key) {
+        *byte ^= k;
     }
 }
 

@@ -9,6 +9,10 @@ pub(crate) mod deflate;
 pub(crate) mod driver;
 pub(crate) mod echo;
 pub(crate) mod frame;
+// `pub` for the fuzz crate, which reaches it through `ws_echo::fuzz_receiver`.
+#[cfg(any(fuzzing, test))]
+#[allow(unreachable_pub)]
+pub mod fuzzing;
 pub(crate) mod handshake;
 pub(crate) mod outbox;
 #[cfg(test)]

@@ -1,8 +1,12 @@
-//! The frames a connection has encoded and not yet written: small frames share one
-//! buffer, and a large payload stays in the buffer it was received in, so the driver
-//! writes it with `writev` next to its header instead of copying it.
+//! The frames a connection has encoded and not yet written. Small frames go into one
+//! contiguous buffer (one slice to write); a large payload handed over with its buffer
+//! stays there and is written with `writev` next to its header, never copied.
+//!
+//! The contiguous buffer is given back to its thread once everything is written and
+//! taken again for the next echo, so that a busy connection does not allocate per echo
+//! and an idle one holds nothing.
 
-use std::{collections::VecDeque, io::IoSlice};
+use std::{cell::Cell, collections::VecDeque, io::IoSlice};
 
 use super::frame::{self, OpCode};
 
@@ -13,22 +17,49 @@ const OWN_SEGMENT_FROM: usize = 4 * 1024;
 /// Most segments handed to one `writev`.
 pub(crate) const MAX_IO_SLICES: usize = 16;
 
-/// A payload to send: borrowed (copied into the outbox) or in a buffer the outbox may
-/// take over.
+/// The capacity a fresh buffer starts with: a pipelined wake-up's echoes fit without
+/// growing it.
+const FRESH_CAPACITY: usize = 2 * 1024;
+
+/// Buffers larger than this are freed when written out, not kept for the next echo.
+const SPARE_MAX: usize = 64 * 1024;
+
+thread_local! {
+    /// One written-out buffer per thread, kept for the next connection that echoes.
+    static SPARE: Cell<Vec<u8>> = const { Cell::new(Vec::new()) };
+}
+
+/// A payload to send.
 #[derive(Debug)]
 pub(crate) enum Payload<'a> {
     /// Bytes that stay where they are: the outbox copies them.
     Slice(&'a [u8]),
     /// A buffer the outbox may take (leaving it empty) instead of copying it.
     Owned(&'a mut Vec<u8>),
+    /// Bytes still masked with this key (RFC 6455 §5.3): the outbox unmasks them as it
+    /// copies them, one pass instead of two.
+    Masked(&'a [u8], [u8; 4]),
 }
 
 impl Payload<'_> {
-    /// The bytes.
-    pub(crate) fn as_slice(&self) -> &[u8] {
+    /// The payload's length.
+    pub(crate) fn len(&self) -> usize {
         match self {
-            Self::Slice(bytes) => bytes,
-            Self::Owned(buffer) => buffer,
+            Self::Slice(bytes) | Self::Masked(bytes, _) => bytes.len(),
+            Self::Owned(buffer) => buffer.len(),
+        }
+    }
+
+    /// The bytes, unmasked (a copy only for [`Payload::Masked`]).
+    pub(crate) fn to_plain(&self) -> std::borrow::Cow<'_, [u8]> {
+        match self {
+            Self::Slice(bytes) => (*bytes).into(),
+            Self::Owned(buffer) => buffer.as_slice().into(),
+            Self::Masked(bytes, mask) => {
+                let mut plain = bytes.to_vec();
+                frame::unmask(&mut plain, *mask, 0);
+                plain.into()
+            }
         }
     }
 }
@@ -36,14 +67,17 @@ impl Payload<'_> {
 /// Encoded frames waiting to be written, in order.
 #[derive(Debug, Default)]
 pub(crate) struct Outbox {
-    /// Byte runs in write order; the first may be partly written already.
-    segments: VecDeque<Vec<u8>>,
-    /// Bytes of the first segment already written.
+    /// Small frames and the headers of large ones; `buf[written..]` is unwritten.
+    buf: Vec<u8>,
+    /// Bytes of `buf` already written.
     written: usize,
+    /// Large payloads, each with the position in `buf` it is written at (after the
+    /// bytes before it), in order.
+    large: VecDeque<(usize, Vec<u8>)>,
+    /// Bytes of the first large payload already written.
+    large_written: usize,
     /// Bytes not yet written, in all.
     len: usize,
-    /// Whether the last segment takes more small frames (a taken payload does not).
-    tail_open: bool,
 }
 
 impl Outbox {
@@ -58,6 +92,7 @@ impl Outbox {
     }
 
     /// Appends one frame.
+    #[inline]
     pub(crate) fn push_frame(
         &mut self,
         fin: bool,
@@ -65,11 +100,14 @@ impl Outbox {
         opcode: OpCode,
         payload: Payload<'_>,
     ) {
-        let len = payload.as_slice().len();
-        let tail = self.open_tail(frame::MAX_SERVER_HEADER_LEN);
-        let before = tail.len();
-        frame::encode_header(tail, fin, rsv1, opcode, len);
-        let header_len = tail.len() - before;
+        let len = payload.len();
+        if self.buf.capacity() == 0 {
+            self.buf = SPARE.take();
+            self.buf.reserve(FRESH_CAPACITY);
+        }
+        let before = self.buf.len();
+        frame::encode_header(&mut self.buf, fin, rsv1, opcode, len);
+        self.len += self.buf.len() - before + len;
         match payload {
             Payload::Owned(buffer) if len >= OWN_SEGMENT_FROM => {
                 if buffer.capacity() > len + len / 2 {
@@ -78,75 +116,87 @@ impl Outbox {
                     // is sent.
                     buffer.shrink_to_fit();
                 }
-                self.segments.push_back(std::mem::take(buffer));
-                self.tail_open = false;
+                self.large
+                    .push_back((self.buf.len(), std::mem::take(buffer)));
             }
-            payload => {
-                let tail = self.open_tail(len);
-                tail.extend_from_slice(payload.as_slice());
+            Payload::Masked(bytes, mask) => {
+                let start = self.buf.len();
+                self.buf.extend_from_slice(bytes);
+                frame::unmask(&mut self.buf[start..], mask, 0);
             }
+            Payload::Slice(bytes) => self.buf.extend_from_slice(bytes),
+            Payload::Owned(buffer) => self.buf.extend_from_slice(buffer),
         }
-        self.len += header_len + len;
-    }
-
-    /// The last segment, with room for `additional` more bytes.
-    fn open_tail(&mut self, additional: usize) -> &mut Vec<u8> {
-        if !self.tail_open || self.segments.is_empty() {
-            self.segments
-                .push_back(Vec::with_capacity(additional.max(256)));
-            self.tail_open = true;
-        }
-        let tail = self
-            .segments
-            .back_mut()
-            .expect("invariant: a segment was pushed above if there was none");
-        tail.reserve(additional);
-        tail
     }
 
     /// Fills `slices` with the unwritten bytes, in order; returns how many it filled.
     pub(crate) fn io_slices<'a>(&'a self, slices: &mut [IoSlice<'a>; MAX_IO_SLICES]) -> usize {
         let mut count = 0;
-        for (index, segment) in self.segments.iter().take(MAX_IO_SLICES).enumerate() {
-            let skip = if index == 0 { self.written } else { 0 };
-            slices[count] = IoSlice::new(&segment[skip..]);
+        let mut at = self.written;
+        for (index, (position, payload)) in self.large.iter().enumerate() {
+            if count + 2 > MAX_IO_SLICES {
+                return count;
+            }
+            if *position > at {
+                slices[count] = IoSlice::new(&self.buf[at..*position]);
+                count += 1;
+            }
+            let skip = if index == 0 { self.large_written } else { 0 };
+            slices[count] = IoSlice::new(&payload[skip..]);
+            count += 1;
+            at = *position;
+        }
+        if self.buf.len() > at {
+            slices[count] = IoSlice::new(&self.buf[at..]);
             count += 1;
         }
         count
     }
 
-    /// Notes that `n` more bytes were written; buffers fully written are freed, so
-    /// that an idle connection holds none.
+    /// Notes that `n` more bytes were written. Once everything is, the buffers go: the
+    /// small one back to the thread for the next echo, so an idle connection holds none.
     pub(crate) fn advance(&mut self, mut n: usize) {
         self.len -= n;
         while n > 0 {
-            let front = self
-                .segments
+            let until = self.large.front().map_or(self.buf.len(), |(at, _)| *at);
+            let small = (until - self.written).min(n);
+            self.written += small;
+            n -= small;
+            if n == 0 {
+                break;
+            }
+            let (_, payload) = self
+                .large
                 .front()
                 .expect("invariant: `n` is at most the unwritten length");
-            let left = front.len() - self.written;
-            if n < left {
-                self.written += n;
-                return;
+            let large = (payload.len() - self.large_written).min(n);
+            self.large_written += large;
+            n -= large;
+            if self.large_written == payload.len() {
+                self.large.pop_front();
+                self.large_written = 0;
             }
-            n -= left;
-            self.written = 0;
-            self.segments.pop_front();
         }
-        if self.segments.is_empty() {
-            self.segments = VecDeque::new();
+        if self.len == 0 {
+            self.written = 0;
+            self.large = VecDeque::new();
+            let mut buf = std::mem::take(&mut self.buf);
+            if buf.capacity() <= SPARE_MAX {
+                buf.clear();
+                SPARE.set(buf);
+            }
         }
     }
 
     /// The unwritten bytes as one buffer, for tests.
     #[cfg(test)]
     pub(crate) fn contents(&self) -> Vec<u8> {
-        let mut all: Vec<u8> = Vec::new();
-        for (index, segment) in self.segments.iter().enumerate() {
-            let skip = if index == 0 { self.written } else { 0 };
-            all.extend_from_slice(&segment[skip..]);
-        }
-        all
+        let mut slices = [IoSlice::new(&[]); MAX_IO_SLICES];
+        let count = self.io_slices(&mut slices);
+        slices[..count]
+            .iter()
+            .flat_map(|s| s.iter().copied())
+            .collect()
     }
 }
 
@@ -155,7 +205,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn small_frames_share_a_segment_and_large_payloads_are_not_copied() {
+    fn small_frames_share_a_buffer_and_large_payloads_are_not_copied() {
         let mut outbox = Outbox::default();
         outbox.push_frame(true, false, OpCode::Text, Payload::Slice(b"hi"));
         let mut big = vec![9; OWN_SEGMENT_FROM];
@@ -179,13 +229,26 @@ mod tests {
             OpCode::Binary,
             Payload::Owned(&mut vec![1; 5000]),
         );
+        outbox.push_frame(true, false, OpCode::Text, Payload::Slice(b"after"));
         let all = outbox.contents();
-        outbox.advance(3);
-        assert_eq!(outbox.contents(), all[3..]);
-        outbox.advance(10);
-        assert_eq!(outbox.contents(), all[13..]);
-        outbox.advance(all.len() - 13);
+        for step in [3, 10, 4990, 2] {
+            let before = outbox.contents();
+            outbox.advance(step);
+            assert_eq!(outbox.contents(), before[step..]);
+        }
+        outbox.advance(outbox.len());
         assert!(outbox.is_empty());
-        assert_eq!(outbox.segments.capacity(), 0);
+        assert_eq!(all.len(), 7 + 4 + 5000 + 7);
+        assert_eq!((outbox.buf.capacity(), outbox.large.capacity()), (0, 0));
+    }
+
+    #[test]
+    fn masked_payloads_are_unmasked_as_they_are_copied() {
+        let mut outbox = Outbox::default();
+        let mask = [1, 2, 3, 4];
+        let mut masked = b"hello, world".to_vec();
+        frame::unmask(&mut masked, mask, 0);
+        outbox.push_frame(true, false, OpCode::Binary, Payload::Masked(&masked, mask));
+        assert_eq!(&outbox.contents()[2..], b"hello, world");
     }
 }

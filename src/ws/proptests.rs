@@ -8,39 +8,14 @@
 use proptest::prelude::*;
 
 use super::{
-    close::Violation,
-    connection::{Handler, Kind, Limits, Receiver, Sender},
+    connection::{Kind, Limits, Receiver, Sender},
     deflate::{self, Params},
     frame::{self, OpCode, client_frame},
+    fuzzing::{Record, Seen},
     outbox::{Outbox, Payload},
 };
 
 const MASK: [u8; 4] = [0x5A, 0x01, 0xC3, 0x99];
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Event {
-    Message(Kind, Vec<u8>),
-    Ping(Vec<u8>),
-    Violation(Violation),
-}
-
-#[derive(Default)]
-struct Record(Vec<Event>);
-
-impl Handler for Record {
-    fn message(&mut self, kind: Kind, payload: Payload<'_>) {
-        self.0
-            .push(Event::Message(kind, payload.as_slice().to_vec()));
-    }
-    fn ping(&mut self, payload: &[u8]) {
-        self.0.push(Event::Ping(payload.to_vec()));
-    }
-    fn pong(&mut self, _: &[u8]) {}
-    fn close(&mut self, _: Option<(u16, &str)>) {}
-    fn violation(&mut self, violation: Violation) {
-        self.0.push(Event::Violation(violation));
-    }
-}
 
 fn params() -> Params {
     Params {
@@ -118,8 +93,8 @@ proptest! {
             bytes.extend(frames);
             let (text, payload, _, _, ping) = message;
             let kind = if *text { Kind::Text } else { Kind::Binary };
-            let ping = ping.clone().map(Event::Ping);
-            let message = Event::Message(kind, payload.clone());
+            let ping = ping.clone().map(Seen::Ping);
+            let message = Seen::Message(kind, payload.clone());
             if ping_first {
                 expected.extend(ping.into_iter().chain([message]));
             } else {

@@ -2,6 +2,12 @@
 //! character, and RFC 6455 §8.1 wants a connection failed as soon as the bytes
 //! received so far cannot begin valid UTF-8 ("fail fast", Autobahn 6.4.x).
 
+/// Whether `bytes` are UTF-8, checking for ASCII first: most text is, and the ASCII
+/// check costs a tenth of the full one on short messages (callgrind, echo_load W1p).
+pub(crate) fn is_utf8(bytes: &[u8]) -> bool {
+    bytes.is_ascii() || std::str::from_utf8(bytes).is_ok()
+}
+
 /// Validates one text message piece by piece.
 #[derive(Debug, Default)]
 pub(crate) struct Utf8Validator {

@@ -445,10 +445,10 @@ fn parse_h2(reply: &[u8]) -> Result<usize, String> {
     Ok(frames)
 }
 
-/// Whether a Close code may be sent on the wire (RFC 6455 §7.4; 1012 and 1013 are
-/// registered with IANA since).
+/// Whether a Close code may be sent on the wire (RFC 6455 §7.4; 1012, 1013 and 1014
+/// are registered with IANA since).
 pub fn close_code_is_valid(code: u16) -> bool {
-    matches!(code, 1000..=1003 | 1007..=1013 | 3000..=4999)
+    matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
 }
 
 /// Parses and checks the server's frames.
@@ -768,7 +768,9 @@ pub fn model_client(
         } else {
             settings.max_frame_size as u64
         };
-        if length > frame_limit {
+        // Control frames carry at most 125 bytes (checked above) and are exempt: a
+        // frame limit below that must not break the closing handshake.
+        if !control && length > frame_limit {
             break End::Violation("frame over max_frame_size");
         }
         let Some(frame) = RawFrame::parse(rest) else {
