@@ -154,11 +154,18 @@ async fn serve(
     // Holding the admission keeps this connection's place under the caps.
     let _admission = admission;
     let started = Instant::now();
-    let deflate = accepted.extensions.as_ref().map(|agreed| agreed.params);
+    // Only what the connection needs from here on is kept (the task carries every
+    // local that lives across its awaits, for its whole life).
+    let handshake::Accepted {
+        subprotocol,
+        extensions,
+        ..
+    } = accepted;
+    let deflate = extensions.map(|agreed| agreed.params);
     let compressed = deflate.is_some();
     span.in_scope(|| {
         info!(
-            subprotocol = accepted.subprotocol.as_deref().unwrap_or("-"),
+            subprotocol = subprotocol.as_deref().unwrap_or("-"),
             compressed, "connection opened"
         );
     });
@@ -187,7 +194,7 @@ async fn serve(
     let stats = std::mem::take(&mut echo.stats);
     drop(echo);
     let duration_ms = started.elapsed().as_millis() as u64;
-    let subprotocol = accepted.subprotocol.as_deref().unwrap_or("-");
+    let subprotocol = subprotocol.as_deref().unwrap_or("-");
     let (code, how, detail) = match &ending {
         Ending::ClientClosed(code) => (*code, "client closed", String::new()),
         Ending::ServerClosed(code, reason, _) => (*code, "server closed", (*reason).to_owned()),

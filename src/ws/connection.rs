@@ -117,8 +117,9 @@ enum State {
 #[derive(Debug)]
 pub(crate) struct Receiver {
     limits: Limits,
-    /// Set when permessage-deflate was agreed.
-    inflater: Option<Inflater>,
+    /// Set when permessage-deflate was agreed; boxed, so that the many uncompressed
+    /// connections do not carry its 168 bytes.
+    inflater: Option<Box<Inflater>>,
     /// A header cut by the end of a read.
     header: [u8; frame::MAX_HEADER_LEN],
     header_len: u8,
@@ -136,7 +137,9 @@ impl Receiver {
     pub(crate) fn new(limits: Limits, deflate: Option<Params>) -> Self {
         Self {
             limits,
-            inflater: deflate.as_ref().map(Inflater::new),
+            inflater: deflate
+                .as_ref()
+                .map(|params| Box::new(Inflater::new(params))),
             header: [0; frame::MAX_HEADER_LEN],
             header_len: 0,
             frame: None,

@@ -48,8 +48,8 @@ impl EchoConfig {
     }
 
     /// The driver's deadlines and caps.
-    pub(crate) fn rules(&self) -> Rules {
-        self.rules
+    pub(crate) fn rules(&self) -> &Rules {
+        &self.rules
     }
 
     /// The id of a new connection, for its log lines.
