@@ -38,7 +38,7 @@ async def scenario(port, pid, mode):
 async def main():
     resource.setrlimit(resource.RLIMIT_NOFILE, (20000, 20000))
     for mode in ["plain", "deflate", "client_no_context"]:
-        p = subprocess.Popen(["./target/release/ws_echo", "--listen", "127.0.0.1:0", "--log-format", "json", "--log-level", "warn,ws_echo::server=info"] + sys.argv[1:], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        p = subprocess.Popen(["./target/release/ws_echo", "--listen", "127.0.0.1:0", "--log-format", "json", "--log-level", "warn,ws_echo::http::server=info"] + sys.argv[1:], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         line = p.stdout.readline()
         port = int(re.search(r'127\.0\.0\.1:(\d+)/', line).group(1))
         time.sleep(0.3)

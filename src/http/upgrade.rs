@@ -7,8 +7,12 @@ use axum::{
     http::{StatusCode, header},
     response::{IntoResponse, Response},
 };
-use hyper_util::rt::TokioIo;
+use hyper_util::{rt::TokioIo, server::conn::auto};
 use tokio::time::Instant;
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::TcpStream,
+};
 use tracing::{Instrument, Span, debug, info, info_span, warn};
 
 use super::{
@@ -20,6 +24,7 @@ use crate::{
     metrics::{HandshakeResult, Limit, Side},
     ws::{
         connection::{Kind, Receiver, Sender},
+        deflate::Params,
         driver::{Driver, Ending},
         echo::Echo,
         handshake,
@@ -144,8 +149,8 @@ async fn serve(
     admission: Admission,
     span: Span,
 ) {
-    let io = match on_upgrade.await {
-        Ok(upgraded) => TokioIo::new(upgraded),
+    let upgraded = match on_upgrade.await {
+        Ok(upgraded) => upgraded,
         Err(error) => {
             span.in_scope(|| debug!(%error, "upgrade did not complete"));
             return;
@@ -170,26 +175,36 @@ async fn serve(
         );
     });
     state.metrics.connections_open.inc();
-    let config = &state.echo;
     let mut echo = Echo::new(&state.counters, compressed);
-    let ending = {
-        let mut driver = Driver::new(
-            io,
-            &state.metrics,
-            compressed.then_some(&state.counters.deflate_wire),
-            Receiver::new(config.limits(), deflate),
-            Sender::new(deflate),
-            config.rules(),
-            std::sync::Arc::clone(&state.read_budget),
-        );
-        // The greeting, when asked for, goes out before any echo.
-        if let Some(greeting) = greeting {
-            let (sender, outbox) = driver.sending();
-            sender.message(Kind::Text, Payload::Slice(greeting.as_bytes()), outbox);
+    // A plain TCP connection (HTTP/1.1) is driven on the socket itself, without the
+    // two rewind layers and the trait object that hyper and hyper-util wrap an upgraded
+    // stream in: echo_load W1, ~400 fewer instructions per echo. TLS and HTTP/2
+    // streams, and the in-memory streams of tests, keep the wrapper.
+    let ending = match auto::upgrade::downcast::<TokioIo<TcpStream>>(upgraded) {
+        Ok(parts) => {
+            let early = parts.read_buf;
+            drive(
+                parts.io.into_inner(),
+                &early,
+                &state,
+                deflate,
+                greeting,
+                &mut echo,
+            )
+            .await
         }
-        driver.run(&mut echo, &state.shutdown)
-    }
-    .await;
+        Err(upgraded) => {
+            drive(
+                TokioIo::new(upgraded),
+                &[],
+                &state,
+                deflate,
+                greeting,
+                &mut echo,
+            )
+            .await
+        }
+    };
     state.metrics.connections_open.dec();
     let stats = std::mem::take(&mut echo.stats);
     drop(echo);
@@ -232,4 +247,35 @@ async fn serve(
             "connection closed: {how}"
         );
     });
+}
+
+/// Runs the connection on `io` with the echo policy; `early` holds what the client sent
+/// right after its handshake, read before the upgrade completed.
+async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
+    io: S,
+    early: &[u8],
+    state: &AppState,
+    deflate: Option<Params>,
+    greeting: Option<String>,
+    echo: &mut Echo<'_>,
+) -> Ending {
+    let config = &state.echo;
+    let mut driver = Driver::new(
+        io,
+        &state.metrics,
+        deflate.is_some().then_some(&state.counters.deflate_wire),
+        Receiver::new(config.limits(), deflate),
+        Sender::new(deflate),
+        config.rules(),
+        std::sync::Arc::clone(&state.read_budget),
+    );
+    // The greeting, when asked for, goes out before any echo.
+    if let Some(greeting) = greeting {
+        let (sender, outbox) = driver.sending();
+        sender.message(Kind::Text, Payload::Slice(greeting.as_bytes()), outbox);
+    }
+    if !early.is_empty() {
+        driver.receive_early(early, echo);
+    }
+    driver.run(echo, &state.shutdown).await
 }

@@ -251,6 +251,17 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Driver<'a, S> {
         (&mut self.sender, &mut self.outbox)
     }
 
+    /// Takes in bytes the client sent before the driver started (right after its
+    /// handshake), as if they had just been read.
+    pub(crate) fn receive_early(&mut self, early: &[u8], policy: &mut impl Policy) {
+        let mut input = early.to_vec();
+        {
+            let mut handler = policy.handler(&mut self.sender, &mut self.outbox);
+            self.receiver.receive(&mut input, &mut handler);
+        }
+        self.take_news(policy);
+    }
+
     /// Runs the connection to its end, `policy` answering what arrives.
     pub(crate) async fn run(
         mut self,
@@ -311,6 +322,10 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Driver<'a, S> {
         waits: &mut Waits<'_, '_>,
     ) -> Poll<Event> {
         let mut reads = 0;
+        if self.news.peer_closed.is_some() || self.news.violation.is_some() {
+            // Found in the bytes that came with the handshake.
+            return Poll::Ready(Event::Closing);
+        }
         loop {
             // Read while the echoes fit: past the limit the client is not reading
             // them, and the server stops reading too.
@@ -466,11 +481,13 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Driver<'a, S> {
         let was_full = self.outbox.len() >= self.rules.write_limit || self.budget_wait.is_some();
         let mut wrote = false;
         while !self.outbox.is_empty() {
-            let mut slices = [IoSlice::new(&[]); MAX_IO_SLICES];
-            let count = self.outbox.io_slices(&mut slices);
-            let written = std::task::ready!(
-                Pin::new(&mut self.io).poll_write_vectored(cx, &slices[..count])
-            )?;
+            let written = if let Some(bytes) = self.outbox.contiguous() {
+                std::task::ready!(Pin::new(&mut self.io).poll_write(cx, bytes))?
+            } else {
+                let mut slices = [IoSlice::new(&[]); MAX_IO_SLICES];
+                let count = self.outbox.io_slices(&mut slices);
+                std::task::ready!(Pin::new(&mut self.io).poll_write_vectored(cx, &slices[..count]))?
+            };
             if written == 0 {
                 return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
             }

@@ -129,6 +129,13 @@ impl Outbox {
         }
     }
 
+    /// The unwritten bytes when they are all in one buffer (no large payload waits):
+    /// the common case, written without `writev`.
+    #[inline]
+    pub(crate) fn contiguous(&self) -> Option<&[u8]> {
+        self.large.is_empty().then(|| &self.buf[self.written..])
+    }
+
     /// Fills `slices` with the unwritten bytes, in order; returns how many it filled.
     pub(crate) fn io_slices<'a>(&'a self, slices: &mut [IoSlice<'a>; MAX_IO_SLICES]) -> usize {
         let mut count = 0;
@@ -157,6 +164,10 @@ impl Outbox {
     /// small one back to the thread for the next echo, so an idle connection holds none.
     pub(crate) fn advance(&mut self, mut n: usize) {
         self.len -= n;
+        if self.large.is_empty() {
+            self.written += n;
+            n = 0;
+        }
         while n > 0 {
             let until = self.large.front().map_or(self.buf.len(), |(at, _)| *at);
             let small = (until - self.written).min(n);

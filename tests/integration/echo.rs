@@ -235,3 +235,37 @@ async fn peer_vanishing_while_echoes_are_pending_does_not_disturb_others() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_echoes(&mut bystander, Message::text("still served")).await;
 }
+
+/// Frames a client writes in the same packet as its handshake are read by the HTTP
+/// parser before the upgrade completes; the connection must take them from there
+/// (hyper hands them over with the socket) and echo them first, in order.
+#[tokio::test]
+async fn frames_sent_with_the_handshake_are_echoed_first() {
+    use tokio::io::AsyncWriteExt;
+
+    use crate::support::{RawClient, encode_frame};
+
+    let server = TestServer::start().await;
+    let mut stream = tokio::net::TcpStream::connect(server.addr)
+        .await
+        .expect("connect");
+    let mut bytes = b"GET /ws HTTP/1.1\r\nHost: test\r\nConnection: Upgrade\r\n\
+        Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+        Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        .to_vec();
+    bytes.extend(encode_frame(true, false, 0x1, b"early", true));
+    bytes.extend(encode_frame(true, false, 0x2, &[1, 2, 3], true));
+    stream.write_all(&bytes).await.expect("write");
+    let mut client = RawClient::new(stream);
+    assert!(client.read_head().await.starts_with("HTTP/1.1 101"));
+    let first = client.read_frame().await.expect("first echo");
+    assert_eq!(
+        (first.opcode, first.payload.as_slice()),
+        (0x1, &b"early"[..])
+    );
+    let second = client.read_frame().await.expect("second echo");
+    assert_eq!((second.opcode, second.payload), (0x2, vec![1, 2, 3]));
+    client.send(true, 0x1, b"later").await;
+    let third = client.read_frame().await.expect("third echo");
+    assert_eq!(third.payload, b"later");
+}
