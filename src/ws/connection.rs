@@ -400,12 +400,16 @@ impl Receiver {
                 .inflater
                 .as_mut()
                 .expect("invariant: start_frame refuses RSV1 unless deflate was agreed");
-            inflater
-                .inflate(piece, &mut message.payload, self.limits.max_message)
-                .map_err(inflate_violation)?;
-        } else {
-            message.payload.extend_from_slice(piece);
+            let inflated = inflater.inflate(piece, &mut message.payload, self.limits.max_message);
+            // What inflated before a corrupt byte is checked first, so that the same
+            // bytes give the same violation however reads cut them.
+            if let Some(utf8) = &mut message.utf8 {
+                utf8.feed(&message.payload[start..])
+                    .map_err(|_| Violation::InvalidUtf8)?;
+            }
+            return inflated.map_err(inflate_violation);
         }
+        message.payload.extend_from_slice(piece);
         if let Some(utf8) = &mut message.utf8 {
             utf8.feed(&message.payload[start..])
                 .map_err(|_| Violation::InvalidUtf8)?;
@@ -435,13 +439,12 @@ impl Receiver {
                 .inflater
                 .as_mut()
                 .expect("invariant: start_frame refuses RSV1 unless deflate was agreed");
-            inflater
-                .finish(&mut message.payload, self.limits.max_message)
-                .map_err(inflate_violation)?;
+            let finished = inflater.finish(&mut message.payload, self.limits.max_message);
             if let Some(utf8) = &mut message.utf8 {
                 utf8.feed(&message.payload[start..])
                     .map_err(|_| Violation::InvalidUtf8)?;
             }
+            finished.map_err(inflate_violation)?;
         }
         if message
             .utf8
