@@ -63,6 +63,10 @@ pub(crate) enum HandshakeResult {
     NotAnUpgrade,
     /// 400: an upgrade over HTTP/1.0.
     OldHttpVersion,
+    /// 400: an HTTP/1.1 upgrade without Host.
+    MissingHost,
+    /// 400: an upgrade with a request body.
+    UnexpectedBody,
     /// 426: wrong version.
     UnsupportedVersion,
     /// 400: bad key.
@@ -140,6 +144,8 @@ impl Label for HandshakeResult {
             Self::MethodNotAllowed => "method_not_allowed",
             Self::NotAnUpgrade => "not_an_upgrade",
             Self::OldHttpVersion => "old_http_version",
+            Self::MissingHost => "missing_host",
+            Self::UnexpectedBody => "unexpected_body",
             Self::UnsupportedVersion => "unsupported_version",
             Self::BadKey => "bad_key",
             Self::BadSubprotocol => "bad_subprotocol",

@@ -54,6 +54,8 @@ pub(crate) async fn upgrade(State(state): State<AppState>, mut request: Request)
                 handshake::Rejection::MethodNotAllowed => HandshakeResult::MethodNotAllowed,
                 handshake::Rejection::NotAnUpgrade => HandshakeResult::NotAnUpgrade,
                 handshake::Rejection::OldHttpVersion => HandshakeResult::OldHttpVersion,
+                handshake::Rejection::MissingHost => HandshakeResult::MissingHost,
+                handshake::Rejection::UnexpectedBody => HandshakeResult::UnexpectedBody,
                 handshake::Rejection::UnsupportedVersion => HandshakeResult::UnsupportedVersion,
                 handshake::Rejection::BadKey => HandshakeResult::BadKey,
                 handshake::Rejection::BadSubprotocol => HandshakeResult::BadSubprotocol,

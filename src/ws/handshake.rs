@@ -74,6 +74,12 @@ pub(crate) enum Rejection {
     /// An upgrade sent as HTTP/1.0 (or 0.9): 400. RFC 6455 §4.1 requires HTTP/1.1 or
     /// later, and hyper would otherwise answer `HTTP/1.0 101` and close.
     OldHttpVersion,
+    /// An HTTP/1.1 upgrade without `Host` (RFC 6455 §4.1, RFC 9112 §3.2): 400.
+    MissingHost,
+    /// An HTTP/1.1 upgrade that carries a body (`Content-Length` above 0, or
+    /// `Transfer-Encoding`): 400. The bytes after the request are the WebSocket's; a
+    /// body there would be read as frames.
+    UnexpectedBody,
     /// `Sec-WebSocket-Version` missing or not 13: 426 naming the supported version.
     UnsupportedVersion,
     /// `Sec-WebSocket-Key` missing, repeated, or not 16 bytes of base64: 400.
@@ -91,6 +97,8 @@ impl Rejection {
             Self::MethodNotAllowed => "method not allowed",
             Self::NotAnUpgrade => "not a websocket upgrade",
             Self::OldHttpVersion => "websocket upgrade over HTTP/1.0",
+            Self::MissingHost => "websocket upgrade without a Host header",
+            Self::UnexpectedBody => "websocket upgrade with a request body",
             Self::UnsupportedVersion => "unsupported websocket version",
             Self::BadKey => "missing or malformed Sec-WebSocket-Key",
             Self::BadSubprotocol => "malformed Sec-WebSocket-Protocol",
@@ -138,7 +146,7 @@ impl IntoResponse for Rejection {
                 format!("{reason}: this server accepts WebSockets only from configured origins\n"),
             )
                 .into_response(),
-            Self::BadKey | Self::BadSubprotocol => {
+            Self::BadKey | Self::BadSubprotocol | Self::MissingHost | Self::UnexpectedBody => {
                 (StatusCode::BAD_REQUEST, format!("{reason}\n")).into_response()
             }
         }
@@ -162,6 +170,17 @@ pub(crate) fn accept<B>(request: &Request<B>, settings: &Settings) -> Result<Acc
         }
         if matches!(request.version(), Version::HTTP_09 | Version::HTTP_10) {
             return Err(Rejection::OldHttpVersion);
+        }
+        if !headers.contains_key(header::HOST) {
+            return Err(Rejection::MissingHost);
+        }
+        let has_body = headers.contains_key(header::TRANSFER_ENCODING)
+            || headers
+                .get_all(header::CONTENT_LENGTH)
+                .iter()
+                .any(|length| length.as_bytes() != b"0");
+        if has_body {
+            return Err(Rejection::UnexpectedBody);
         }
         Some(String::new())
     } else {
@@ -284,6 +303,7 @@ mod tests {
 
     fn upgrade_request() -> axum::http::request::Builder {
         Request::get("/ws")
+            .header(header::HOST, "example.com")
             .header(header::CONNECTION, "keep-alive, Upgrade")
             .header(header::UPGRADE, "websocket")
             .header(header::SEC_WEBSOCKET_VERSION, "13")
@@ -320,6 +340,7 @@ mod tests {
     #[test]
     fn key_of_wrong_length_is_400() {
         let request = Request::get("/ws")
+            .header(header::HOST, "example.com")
             .header(header::CONNECTION, "upgrade")
             .header(header::UPGRADE, "websocket")
             .header(header::SEC_WEBSOCKET_VERSION, "13")
@@ -385,5 +406,24 @@ mod tests {
     fn subprotocol_with_a_space_inside_is_400() {
         let request = upgrade_request().header(header::SEC_WEBSOCKET_PROTOCOL, "a b");
         assert_eq!(accept_with(request).unwrap_err(), Rejection::BadSubprotocol);
+    }
+
+    /// Issue 12: an upgrade without Host, or with a body, was answered with 101.
+    #[test]
+    fn upgrade_without_host_or_with_a_body_is_400() {
+        let no_host = Request::get("/ws")
+            .header(header::CONNECTION, "upgrade")
+            .header(header::UPGRADE, "websocket")
+            .header(header::SEC_WEBSOCKET_VERSION, "13")
+            .header(header::SEC_WEBSOCKET_KEY, "dGhlIHNhbXBsZSBub25jZQ==");
+        assert_eq!(accept_with(no_host).unwrap_err(), Rejection::MissingHost);
+        let sized = upgrade_request().header(header::CONTENT_LENGTH, "5");
+        assert_eq!(accept_with(sized).unwrap_err(), Rejection::UnexpectedBody);
+        let chunked = upgrade_request().header(header::TRANSFER_ENCODING, "chunked");
+        assert_eq!(accept_with(chunked).unwrap_err(), Rejection::UnexpectedBody);
+        let empty = upgrade_request().header(header::CONTENT_LENGTH, "0");
+        assert!(accept_with(empty).is_ok());
+        let response = Rejection::MissingHost.into_response();
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST);
     }
 }

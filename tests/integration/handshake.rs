@@ -260,3 +260,35 @@ async fn server_max_window_bits_is_honoured() {
         .expect("inflates with a 10-bit window");
     assert_eq!(out, message);
 }
+
+/// Issue 12: an upgrade without Host, or with a body (whose bytes would then be read as
+/// frames), was answered with 101.
+#[tokio::test]
+async fn upgrade_without_host_or_with_a_body_gets_400_naming_it() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = TestServer::start().await;
+    let upgrade = "GET /ws HTTP/1.1\r\nConnection: Upgrade, close\r\nUpgrade: websocket\r\n\
+        Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n";
+    let requests = [
+        (format!("{upgrade}\r\n"), "without a Host header"),
+        (
+            format!("{upgrade}Host: test\r\nContent-Length: 5\r\n\r\nhello"),
+            "with a request body",
+        ),
+        (
+            format!("{upgrade}Host: test\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"),
+            "with a request body",
+        ),
+    ];
+    for (request, reason) in requests {
+        let mut stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = String::new();
+        tokio::time::timeout(STEP, stream.read_to_string(&mut answer))
+            .await
+            .expect("answered and closed in time")
+            .expect("read");
+        assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+        assert!(answer.contains(reason), "{answer}");
+    }
+}
