@@ -284,14 +284,14 @@ impl Receiver {
     #[inline]
     fn next_header(&mut self, input: &[u8]) -> Result<Option<(Header, usize)>, Violation> {
         if self.header_len == 0 {
-            if let Some(found) = frame::parse(input)? {
+            if let Some(found) = frame::parse(input, self.inflater.is_some())? {
                 return Ok(Some(found));
             }
         }
         let held = usize::from(self.header_len);
         let take = (frame::MAX_HEADER_LEN - held).min(input.len());
         self.header[held..held + take].copy_from_slice(&input[..take]);
-        match frame::parse(&self.header[..held + take])? {
+        match frame::parse(&self.header[..held + take], self.inflater.is_some())? {
             Some((header, len)) => {
                 self.header_len = 0;
                 Ok(Some((header, len - held)))
@@ -307,13 +307,6 @@ impl Receiver {
     fn start_frame(&mut self, header: Header) -> Result<(), Violation> {
         let draining = self.state == State::Draining;
         let skip = draining && !header.opcode.is_control();
-        if header.rsv1
-            && (self.inflater.is_none()
-                || header.opcode.is_control()
-                || header.opcode == OpCode::Continuation)
-        {
-            return Err(self.refuse_frame(header, Violation::MisplacedRsv1));
-        }
         if !header.opcode.is_control() && !draining {
             let compressed = match header.opcode {
                 OpCode::Continuation => match &self.message {
@@ -795,6 +788,25 @@ mod tests {
                 "{violation:?}"
             );
         }
+    }
+
+    /// Found by the integration properties: RSV1 on a Close whose header was cut
+    /// before its mask waited for the rest instead of failing at once.
+    #[test]
+    fn misplaced_rsv1_fails_before_the_header_is_complete() {
+        let mut receiver = Receiver::new(LIMITS, Some(deflate_params()));
+        let mut record = Record::default();
+        receiver.receive(&mut [0xC8, 0x80], &mut record);
+        assert_eq!(record.0, [Seen::Violation(Violation::MisplacedRsv1)]);
+        let mut receiver = Receiver::new(LIMITS, None);
+        let mut record = Record::default();
+        receiver.receive(&mut [0xC1], &mut record);
+        assert_eq!(record.0, [Seen::Violation(Violation::MisplacedRsv1)]);
+        // Agreed, on a first data frame: fine.
+        let mut receiver = Receiver::new(LIMITS, Some(deflate_params()));
+        let mut record = Record::default();
+        receiver.receive(&mut [0xC1, 0x85], &mut record);
+        assert!(record.0.is_empty());
     }
 
     #[test]

@@ -56,15 +56,17 @@ pub(crate) struct Header {
 }
 
 /// Parses the client frame header at the start of `bytes`: the header and its length
-/// in bytes, or `Ok(None)` when `bytes` ends inside it.
+/// in bytes, or `Ok(None)` when `bytes` ends inside it. `deflate`: whether
+/// permessage-deflate was agreed (RSV1 may then start a message).
 ///
 /// # Errors
 ///
-/// The [`Violation`] of the first rule the header breaks, which a header can show as
-/// soon as its first two bytes are here.
+/// The [`Violation`] of the first rule the header breaks, as soon as the byte that
+/// breaks it is here: the rules are checked in the order of the bytes, so a header
+/// cut anywhere fails the same way.
 #[inline]
-pub(crate) fn parse(bytes: &[u8]) -> Result<Option<(Header, usize)>, Violation> {
-    let [first, second, ..] = *bytes else {
+pub(crate) fn parse(bytes: &[u8], deflate: bool) -> Result<Option<(Header, usize)>, Violation> {
+    let [first, ..] = *bytes else {
         return Ok(None);
     };
     if first & 0x30 != 0 {
@@ -80,14 +82,21 @@ pub(crate) fn parse(bytes: &[u8]) -> Result<Option<(Header, usize)>, Violation> 
         _ => return Err(Violation::ReservedOpcode),
     };
     let fin = first & 0x80 != 0;
+    if opcode.is_control() && !fin {
+        return Err(Violation::FragmentedControl);
+    }
+    // RSV1 marks a compressed message: only on its first frame, and only once
+    // permessage-deflate was agreed (RFC 7692 §6.1).
+    let rsv1 = first & 0x40 != 0;
+    if rsv1 && (!deflate || opcode == OpCode::Continuation || opcode.is_control()) {
+        return Err(Violation::MisplacedRsv1);
+    }
+    let [_, second, ..] = *bytes else {
+        return Ok(None);
+    };
     let short_len = second & 0x7F;
-    if opcode.is_control() {
-        if !fin {
-            return Err(Violation::FragmentedControl);
-        }
-        if usize::from(short_len) > MAX_CONTROL_PAYLOAD {
-            return Err(Violation::OversizedControl);
-        }
+    if opcode.is_control() && usize::from(short_len) > MAX_CONTROL_PAYLOAD {
+        return Err(Violation::OversizedControl);
     }
     if second & 0x80 == 0 {
         return Err(Violation::Unmasked);
@@ -115,7 +124,7 @@ pub(crate) fn parse(bytes: &[u8]) -> Result<Option<(Header, usize)>, Violation> 
     };
     let header = Header {
         fin,
-        rsv1: first & 0x40 != 0,
+        rsv1,
         opcode,
         mask: [a, b, c, d],
         len,
@@ -212,9 +221,13 @@ mod tests {
             let frame = client_frame(0x82, &payload, MASK);
             let header_len = frame.len() - len;
             for cut in 0..header_len {
-                assert_eq!(parse(&frame[..cut]), Ok(None), "len {len}, cut {cut}");
+                assert_eq!(
+                    parse(&frame[..cut], false),
+                    Ok(None),
+                    "len {len}, cut {cut}"
+                );
             }
-            let (header, at) = parse(&frame).unwrap().unwrap();
+            let (header, at) = parse(&frame, false).unwrap().unwrap();
             assert_eq!(at, header_len);
             assert_eq!(header.len, len as u64);
             assert_eq!((header.fin, header.rsv1), (true, false));
@@ -237,6 +250,18 @@ mod tests {
     }
 
     #[test]
+    fn first_byte_rules_are_checked_from_the_first_byte() {
+        assert_eq!(parse(&[0x91], true), Err(Violation::ReservedBits));
+        assert_eq!(parse(&[0x83], true), Err(Violation::ReservedOpcode));
+        assert_eq!(parse(&[0x09], true), Err(Violation::FragmentedControl));
+        assert_eq!(parse(&[0xC8], true), Err(Violation::MisplacedRsv1));
+        assert_eq!(parse(&[0xC0], true), Err(Violation::MisplacedRsv1));
+        assert_eq!(parse(&[0xC1], false), Err(Violation::MisplacedRsv1));
+        assert_eq!(parse(&[0xC1], true), Ok(None));
+        assert_eq!(parse(&[0x81], false), Ok(None));
+    }
+
+    #[test]
     fn header_rules_are_checked_from_the_first_two_bytes() {
         let cases: [(&[u8], Violation); 7] = [
             (&[0x91, 0x80], Violation::ReservedBits),
@@ -248,7 +273,7 @@ mod tests {
             (&[0x81, 0x05], Violation::Unmasked),
         ];
         for (bytes, violation) in cases {
-            assert_eq!(parse(bytes), Err(violation), "{bytes:02x?}");
+            assert_eq!(parse(bytes, false), Err(violation), "{bytes:02x?}");
         }
     }
 

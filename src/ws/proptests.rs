@@ -139,7 +139,7 @@ proptest! {
                 n => (2, n as usize),
             };
             let masked = client_frame(wire[0], &wire[header_len..header_len + len], MASK);
-            let (header, _) = frame::parse(&masked).unwrap().unwrap();
+            let (header, _) = frame::parse(&masked, true).unwrap().unwrap();
             prop_assert!(!header.rsv1 || opcodes.is_empty(), "RSV1 only on the first frame");
             rsv1_seen |= header.rsv1;
             opcodes.push(header.opcode);
