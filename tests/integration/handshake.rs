@@ -57,9 +57,10 @@ async fn missing_or_malformed_key_gets_400() {
     assert!(head.starts_with("HTTP/1.1 400"), "{head}");
 }
 
-/// Reads one whole HTTP/1.0 exchange: the request, then everything until the server
-/// closes (HTTP/1.0 has no keep-alive unless asked for).
-async fn http_1_0(server: &TestServer, request: &str) -> String {
+/// Sends `request` and reads everything until the server closes: one whole exchange
+/// (HTTP/1.0 has no keep-alive unless asked for; HTTP/1.1 requests here ask with
+/// `Connection: close`).
+async fn exchange_until_close(server: &TestServer, request: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
     stream.write_all(request.as_bytes()).await.unwrap();
@@ -77,7 +78,7 @@ async fn http_1_0(server: &TestServer, request: &str) -> String {
 #[tokio::test]
 async fn upgrade_over_http_1_0_gets_400_with_the_reason() {
     let server = TestServer::start().await;
-    let response = http_1_0(
+    let response = exchange_until_close(
         &server,
         &format!(
             "GET /ws HTTP/1.0\r\nHost: test\r\n{UPGRADE}{KEY}Sec-WebSocket-Version: 13\r\n\r\n"
@@ -97,7 +98,7 @@ async fn upgrade_over_http_1_0_gets_400_with_the_reason() {
     assert!(!head.to_ascii_lowercase().contains("upgrade:"), "{head}");
     assert!(body.contains("HTTP/1.1 or later"), "{body}");
 
-    let health = http_1_0(&server, "GET /healthz HTTP/1.0\r\nHost: test\r\n\r\n").await;
+    let health = exchange_until_close(&server, "GET /healthz HTTP/1.0\r\nHost: test\r\n\r\n").await;
     assert!(
         health.starts_with("HTTP/1.0 200") || health.starts_with("HTTP/1.1 200"),
         "{health}"
@@ -265,7 +266,6 @@ async fn server_max_window_bits_is_honoured() {
 /// frames), was answered with 101.
 #[tokio::test]
 async fn upgrade_without_host_or_with_a_body_gets_400_naming_it() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let server = TestServer::start().await;
     let upgrade = "GET /ws HTTP/1.1\r\nConnection: Upgrade, close\r\nUpgrade: websocket\r\n\
         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n";
@@ -281,13 +281,7 @@ async fn upgrade_without_host_or_with_a_body_gets_400_naming_it() {
         ),
     ];
     for (request, reason) in requests {
-        let mut stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
-        stream.write_all(request.as_bytes()).await.unwrap();
-        let mut answer = String::new();
-        tokio::time::timeout(STEP, stream.read_to_string(&mut answer))
-            .await
-            .expect("answered and closed in time")
-            .expect("read");
+        let answer = exchange_until_close(&server, &request).await;
         assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
         assert!(answer.contains(reason), "{answer}");
     }
