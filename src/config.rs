@@ -47,6 +47,8 @@ pub(crate) const DEFAULT_WRITE_BUFFER_LIMIT: usize = 8 * 1024;
 pub(crate) const DEFAULT_BUFFER_BUDGET: usize = 256 * 1024 * 1024;
 /// How long an echo may wait for a client that does not read before it is closed.
 pub(crate) const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a message that holds budget may go without progress.
+pub(crate) const DEFAULT_MESSAGE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Deflate level used when compression is negotiated (0–9).
 pub(crate) const DEFAULT_COMPRESSION_LEVEL: u32 = 1;
 /// Messages smaller than this are sent uncompressed even when deflate is negotiated.
@@ -116,6 +118,12 @@ pub struct Config {
     #[arg(long, env = "WS_ECHO_STALL_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub stall_timeout: Duration,
 
+    /// Close (1008) a connection whose message in progress holds budget (is past the
+    /// 64 KiB each connection has free) and makes no progress for this long: no bytes
+    /// arrive for it, or other connections wait for the budget meanwhile; 0 never does.
+    #[arg(long, env = "WS_ECHO_MESSAGE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub message_timeout: Duration,
+
     /// How long open WebSockets get to close after Ctrl-C or SIGTERM.
     #[arg(long, env = "WS_ECHO_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub shutdown_timeout: Duration,
@@ -152,6 +160,18 @@ pub struct Config {
         value_name = "N"
     )]
     pub max_connections_per_ip: usize,
+
+    /// Most TCP connections of any kind (HTTP/1.1, HTTP/2, TLS, WebSocket); past it a
+    /// new connection gets 503 with Retry-After (closed at once on the TLS port). 0 is
+    /// the process's open-file limit less 128, read at start after raising the soft
+    /// limit to the hard one.
+    #[arg(
+        long,
+        env = "WS_ECHO_MAX_TCP_CONNECTIONS",
+        default_value_t = 0,
+        value_name = "N"
+    )]
+    pub max_tcp_connections: usize,
 
     /// Accept browser handshakes only from these origins (repeatable; `*` matches any
     /// run of characters except `/`, e.g. `https://*.example.com`). Refused origins get
@@ -352,6 +372,9 @@ pub struct Settings {
     pub buffer_budget: usize,
     /// Close a client that has not read for this long; `None` never does.
     pub stall_timeout: Option<Duration>,
+    /// Close a message that holds budget without progress for this long; `None` never
+    /// does.
+    pub message_timeout: Option<Duration>,
     /// Deadline for open WebSockets after shutdown begins.
     pub shutdown_timeout: Duration,
     /// Keepalive ping interval; `None` sends none.
@@ -368,6 +391,8 @@ pub struct Settings {
     pub max_connections: usize,
     /// Most WebSockets open at once per client address; `None` is no cap.
     pub max_connections_per_ip: Option<usize>,
+    /// Most TCP connections of any kind; `None` is the open-file limit less 128.
+    pub max_tcp_connections: Option<usize>,
     /// Origins allowed to open a WebSocket; empty allows all.
     pub allowed_origins: Vec<OriginPattern>,
     /// permessage-deflate settings.
@@ -393,6 +418,7 @@ impl Default for Settings {
             write_buffer_limit: DEFAULT_WRITE_BUFFER_LIMIT,
             buffer_budget: DEFAULT_BUFFER_BUDGET,
             stall_timeout: Some(DEFAULT_STALL_TIMEOUT),
+            message_timeout: Some(DEFAULT_MESSAGE_TIMEOUT),
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
             ping_interval: Some(DEFAULT_PING_INTERVAL),
             ping_timeout: DEFAULT_PING_TIMEOUT,
@@ -401,6 +427,7 @@ impl Default for Settings {
             close_timeout: DEFAULT_CLOSE_TIMEOUT,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_connections_per_ip: None,
+            max_tcp_connections: None,
             allowed_origins: Vec::new(),
             compression: CompressionSettings {
                 enabled: true,
@@ -547,6 +574,7 @@ impl Config {
             write_buffer_limit: self.write_buffer_limit,
             buffer_budget: self.buffer_budget,
             stall_timeout: nonzero(self.stall_timeout),
+            message_timeout: nonzero(self.message_timeout),
             shutdown_timeout: self.shutdown_timeout,
             ping_interval: nonzero(self.ping_interval),
             ping_timeout: self.ping_timeout,
@@ -556,6 +584,7 @@ impl Config {
             max_connections: self.max_connections,
             max_connections_per_ip: (self.max_connections_per_ip > 0)
                 .then_some(self.max_connections_per_ip),
+            max_tcp_connections: (self.max_tcp_connections > 0).then_some(self.max_tcp_connections),
             allowed_origins,
             compression: CompressionSettings {
                 enabled: !self.no_compression,

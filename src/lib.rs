@@ -61,6 +61,7 @@ pub use error::Error;
 pub use http::{
     origin::OriginPattern,
     server::{Server, run},
+    tcp::raise_open_file_limit,
     tls::TlsSettings,
 };
 pub use shutdown::shutdown_signal;

@@ -38,7 +38,12 @@ fn main() -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()
         .context("could not start the tokio runtime")?;
+    // Before the settings, which read the limit for the TCP connection cap.
+    let open_files = ws_echo::raise_open_file_limit();
     let settings = config.into_settings()?;
+    if let Err(error) = open_files {
+        tracing::warn!(%error, "could not read or raise the open-file limit");
+    }
     runtime.block_on(async {
         let listener = TcpListener::bind(settings.addr)
             .await

@@ -90,6 +90,12 @@ pub(crate) enum Limit {
     MessageSize,
     /// A client that stopped reading, past the stall timeout (1008).
     Stall,
+    /// A message holding budget made no progress for the message timeout (1008).
+    MessageTimeout,
+    /// The cap on TCP connections of any kind (503, or closed at once on TLS).
+    TcpConnections,
+    /// An HTTP connection with no request in progress past the idle timeout.
+    HttpIdle,
     /// A keepalive ping unanswered (1001).
     Keepalive,
     /// No traffic for the idle timeout (1000).
@@ -162,6 +168,9 @@ impl Label for Limit {
         match self {
             Self::MessageSize => "message_size",
             Self::Stall => "stall",
+            Self::MessageTimeout => "message_timeout",
+            Self::TcpConnections => "tcp_connections",
+            Self::HttpIdle => "http_idle",
             Self::Keepalive => "keepalive",
             Self::Idle => "idle",
             Self::HandshakeTimeout => "handshake_timeout",
@@ -224,6 +233,10 @@ pub(crate) struct Metrics {
     pub(crate) pings_sent: Counter,
     /// `ws_echo_ping_rtt_seconds`: keepalive round trips.
     pub(crate) ping_rtt: Histogram,
+    /// `ws_echo_budget_waits_total`: reads that waited for the buffer budget.
+    pub(crate) budget_waits: Counter,
+    /// `ws_echo_tcp_connections_open`: TCP connections of any kind.
+    pub(crate) tcp_open: Gauge,
     deflate_message_bytes: Family<DirectionLabels, Counter>,
     deflate_wire_bytes: Family<DirectionLabels, Counter>,
     limit_drops: Family<LimitLabels, Counter>,
@@ -272,6 +285,18 @@ impl Metrics {
             "Keepalive ping round-trip time",
             ping_rtt.clone(),
         );
+        let budget_waits = Counter::default();
+        registry.register(
+            "budget_waits",
+            "Times a WebSocket stopped reading to wait for the buffer budget",
+            budget_waits.clone(),
+        );
+        let tcp_open = Gauge::default();
+        registry.register(
+            "tcp_connections_open",
+            "Open TCP connections of any kind (HTTP/1.1, HTTP/2, TLS, WebSocket)",
+            tcp_open.clone(),
+        );
         let deflate_message_bytes = Family::default();
         registry.register(
             "deflate_message_bytes",
@@ -299,6 +324,8 @@ impl Metrics {
             closes,
             pings_sent,
             ping_rtt,
+            budget_waits,
+            tcp_open,
             deflate_message_bytes,
             deflate_wire_bytes,
             limit_drops,

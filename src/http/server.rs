@@ -30,6 +30,7 @@ use tracing::{debug, info, warn};
 use super::{
     app,
     state::{AppState, PeerAddr, TlsInfo},
+    tcp::{Slot, TcpCap},
     tls,
 };
 use crate::{
@@ -92,7 +93,7 @@ pub async fn run(
         tokio::runtime::RuntimeFlavor::CurrentThread => "current-thread",
         _ => "multi-thread",
     };
-    info!(url = %format!("{http}://{local}/"), websocket = %format!("{ws}://{local}/ws"), runtime, "ws_echo listening");
+    info!(url = %format!("{http}://{local}/"), websocket = %format!("{ws}://{local}/ws"), runtime, max_tcp_connections = server.tcp.max(), "ws_echo listening");
     if let Some((sha256, self_signed)) = &server.certificate {
         info!(%sha256, self_signed, "TLS certificate");
     }
@@ -118,10 +119,17 @@ pub async fn run(
                 }
             },
         };
+        let Some(slot) = server.tcp.admit(&server.metrics) else {
+            warn!(%peer, limit = server.tcp.max(), "TCP connection limit reached");
+            server
+                .tcp
+                .refuse(stream, server.tls.is_some(), &server.metrics);
+            continue;
+        };
         if let Err(error) = stream.set_nodelay(true) {
             debug!(%peer, %error, "could not set TCP_NODELAY");
         }
-        server.spawn_tcp(stream, peer);
+        server.spawn_tcp(stream, peer, slot);
     };
     info!(remaining, "ws_echo stopped");
     Ok(())
@@ -160,8 +168,11 @@ pub struct Server {
     tracker: TaskTracker,
     /// How long [`Server::drain`] waits.
     deadline: Duration,
-    /// How long a new connection has to deliver its first request's headers.
+    /// How long a new connection has to deliver its first request's headers, and how
+    /// long a connection with nothing in progress stays open.
     handshake_timeout: Duration,
+    /// The cap on TCP connections.
+    tcp: Arc<TcpCap>,
     /// The metrics of this server, shared with the router's state.
     metrics: Arc<Metrics>,
     /// TLS for every TCP connection, when configured.
@@ -188,8 +199,14 @@ impl Server {
             .tls
             .as_ref()
             .map(|tls| (tls.fingerprint(), tls.is_self_signed()));
+        let tcp = Arc::new(TcpCap::new(
+            settings
+                .max_tcp_connections
+                .unwrap_or_else(super::tcp::default_cap),
+        ));
         let served_by = HeaderValue::from_str(&settings.instance_name)
             .expect("invariant: Config::into_settings checked the instance name");
+        let (ping_interval, ping_timeout) = (settings.ping_interval, settings.ping_timeout);
         let state = AppState::new(settings, token.clone(), tracker.clone());
         let metrics = Arc::clone(&state.metrics);
         let router = app::router(state);
@@ -207,9 +224,13 @@ impl Server {
             // on with its 101). Header deadlines, keep-alive and the drain are unchanged:
             // an EOF between requests still closes the connection.
             .half_close(true);
+        // HTTP/2 connections get the WebSockets' keepalive: a peer that vanished
+        // without a FIN is found by its unanswered ping.
         builder
             .http2()
             .timer(TokioTimer::new())
+            .keep_alive_interval(ping_interval)
+            .keep_alive_timeout(ping_timeout)
             .enable_connect_protocol();
         let mut draining_builder = builder.clone();
         draining_builder.http1().keep_alive(false);
@@ -221,6 +242,7 @@ impl Server {
             tracker,
             deadline,
             handshake_timeout,
+            tcp,
             metrics,
             tls,
             certificate,
@@ -234,15 +256,18 @@ impl Server {
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        self.tracker.spawn(self.serve_http(io, peer, None));
+        let slot = Slot::new(None, Arc::clone(&self.metrics));
+        self.tracker.spawn(self.serve_http(io, peer, None, slot));
     }
 
     /// Serves an accepted TCP connection: TLS first when configured, then HTTP. The TLS
     /// handshake runs in the connection's own task, so the accept loop is already back
     /// at `accept`, and under the handshake timeout.
-    fn spawn_tcp(&self, stream: TcpStream, peer: SocketAddr) {
+    fn spawn_tcp(&self, stream: TcpStream, peer: SocketAddr, slot: Arc<Slot>) {
         let Some(tls) = self.tls.clone() else {
-            return self.spawn_connection(stream, peer);
+            self.tracker
+                .spawn(self.serve_http(stream, peer, None, slot));
+            return;
         };
         let server = self.clone();
         self.tracker.spawn(async move {
@@ -274,7 +299,7 @@ impl Server {
                             .map(|p| String::from_utf8_lossy(p).into_owned()),
                         server_name: session.server_name().map(str::to_owned),
                     };
-                    server.serve_http(stream, peer, Some(info)).await;
+                    server.serve_http(stream, peer, Some(info), slot).await;
                 }
                 Err(error) => debug!(%peer, %error, "TLS handshake failed"),
             }
@@ -289,6 +314,7 @@ impl Server {
         io: I,
         peer: SocketAddr,
         tls: Option<TlsInfo>,
+        slot: Arc<Slot>,
     ) -> impl Future<Output = ()> + Send + 'static
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -299,14 +325,24 @@ impl Server {
         // for bytes without limit, so a silent connection would be held forever.
         let first_request = Arc::new(Notify::new());
         let request_arrived = Arc::clone(&first_request);
+        let requests_slot = Arc::clone(&slot);
         let service = hyper::service::service_fn(move |request: Request<Incoming>| {
             request_arrived.notify_one();
+            // In progress until its answer is ready; a WebSocket upgraded from it
+            // takes its own mark (`http::upgrade`).
+            let in_progress = requests_slot.active();
             let mut request = request.map(axum::body::Body::new);
             request.extensions_mut().insert(PeerAddr(peer));
+            request.extensions_mut().insert(Arc::clone(&requests_slot));
             if let Some(tls) = &tls {
                 request.extensions_mut().insert(tls.clone());
             }
-            router.clone().oneshot(request)
+            let answer = router.clone().oneshot(request);
+            async move {
+                let answer = answer.await;
+                drop(in_progress);
+                answer
+            }
         });
         // A connection accepted during the drain is not cut by it (it would be closed
         // before its request is read); its builder closes it after one answer instead.
@@ -323,6 +359,9 @@ impl Server {
         let handshake_timeout = self.handshake_timeout;
         let metrics = Arc::clone(&self.metrics);
         async move {
+            // The connection's place under the TCP cap lasts as long as this task, or
+            // longer in a WebSocket upgraded from it.
+            let slot = slot;
             tokio::pin!(connection);
             let handshake_deadline = async {
                 if tokio::time::timeout(handshake_timeout, first_request.notified())
@@ -333,11 +372,21 @@ impl Server {
                 }
             };
             let result = tokio::select! {
+                // The handshake deadline is older than the idle one and fires first.
+                biased;
                 result = connection.as_mut() => result,
                 () = handshake_deadline => {
                     debug!(%peer, "no request headers within the handshake timeout; closing");
                     metrics.limit_drop(Limit::HandshakeTimeout);
                     return;
+                }
+                () = slot.idle_for(handshake_timeout) => {
+                    // No request and no WebSocket in progress (HTTP/2 connections, which
+                    // hyper's header timeout does not cover, and HTTP/1.1 keep-alive).
+                    debug!(%peer, "HTTP connection idle; closing");
+                    metrics.limit_drop(Limit::HttpIdle);
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
                 }
                 () = token.cancelled(), if !draining => {
                     // Finish the request in flight, then close; idle keep-alive

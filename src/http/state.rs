@@ -4,7 +4,7 @@
 
 use std::{net::SocketAddr, sync::Arc};
 
-use tokio::sync::Semaphore;
+use crate::ws::driver::Budget;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use super::limits::ConnectionLimits;
@@ -42,8 +42,8 @@ pub(crate) struct SharedState {
     /// Caps on open WebSockets. An admission is moved into the connection's task and
     /// frees its place when the task ends.
     pub(crate) limits: Arc<ConnectionLimits>,
-    /// The read budget in bytes, shared by every WebSocket (see `ws::driver`).
-    pub(crate) read_budget: Arc<Semaphore>,
+    /// The buffer budget in bytes, shared by every WebSocket (see `ws::driver`).
+    pub(crate) budget: Budget,
     /// This server's metrics.
     pub(crate) metrics: Arc<Metrics>,
     /// Message counter handles, resolved once.
@@ -66,7 +66,7 @@ impl AppState {
                 settings.max_connections,
                 settings.max_connections_per_ip,
             )),
-            read_budget: Arc::new(Semaphore::new(settings.buffer_budget)),
+            budget: Budget::new(settings.buffer_budget),
             settings: Arc::new(settings),
             shutdown,
             tracker,

@@ -7,25 +7,25 @@ use axum::{
     http::{StatusCode, header},
     response::{IntoResponse, Response},
 };
+use std::sync::Arc;
+
 use hyper_util::{rt::TokioIo, server::conn::auto};
+use tokio::net::TcpStream;
 use tokio::time::Instant;
-use tokio::{
-    io::{AsyncRead, AsyncWrite},
-    net::TcpStream,
-};
 use tracing::{Instrument, Span, debug, info, info_span, warn};
 
 use super::{
     hello,
     limits::{Admission, Full},
     state::{AppState, PeerAddr},
+    tcp::{Active, Slot},
 };
 use crate::{
     metrics::{HandshakeResult, Limit, Side},
     ws::{
         connection::{Kind, Receiver, Sender},
         deflate::Params,
-        driver::{Driver, Ending},
+        driver::{Driver, Ending, Transport},
         echo::Echo,
         handshake,
         outbox::Payload,
@@ -100,6 +100,9 @@ pub(crate) async fn upgrade(State(state): State<AppState>, mut request: Request)
         }
     };
     metrics.handshake(HandshakeResult::Accepted);
+    // The WebSocket keeps its TCP connection's place under the cap and, on HTTP/2,
+    // keeps the connection from being closed as idle.
+    let in_progress = request.extensions().get::<Arc<Slot>>().map(Slot::active);
     let on_upgrade = hyper::upgrade::on(&mut request);
     let mut accepted = accepted;
     let response = accepted.response();
@@ -123,7 +126,7 @@ pub(crate) async fn upgrade(State(state): State<AppState>, mut request: Request)
                 accepted,
                 greeting,
                 state.clone(),
-                admission,
+                (admission, in_progress),
                 Span::none(),
             )
             .instrument(span),
@@ -134,7 +137,7 @@ pub(crate) async fn upgrade(State(state): State<AppState>, mut request: Request)
             accepted,
             greeting,
             state.clone(),
-            admission,
+            (admission, in_progress),
             span,
         ));
     }
@@ -148,7 +151,7 @@ async fn serve(
     accepted: handshake::Accepted,
     greeting: Option<String>,
     state: AppState,
-    admission: Admission,
+    places: (Admission, Option<Active>),
     span: Span,
 ) {
     let upgraded = match on_upgrade.await {
@@ -158,8 +161,8 @@ async fn serve(
             return;
         }
     };
-    // Holding the admission keeps this connection's place under the caps.
-    let _admission = admission;
+    // Holding them keeps this connection's places under the caps.
+    let _places = places;
     let started = Instant::now();
     // Only what the connection needs from here on is kept (the task carries every
     // local that lives across its awaits, for its whole life).
@@ -253,7 +256,7 @@ async fn serve(
 
 /// Runs the connection on `io` with the echo policy; `early` holds what the client sent
 /// right after its handshake, read before the upgrade completed.
-async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
+async fn drive<S: Transport>(
     io: S,
     early: &[u8],
     state: &AppState,
@@ -269,7 +272,7 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
         Receiver::new(config.limits(), deflate),
         Sender::new(deflate),
         config.rules(),
-        std::sync::Arc::clone(&state.read_budget),
+        &state.budget,
     );
     // The greeting, when asked for, goes out before any echo.
     if let Some(greeting) = greeting {

@@ -17,9 +17,9 @@ use super::{
     utf8::{self, Utf8Validator},
 };
 
-/// The most room reserved for a frame's payload before its bytes arrive; a larger
-/// frame grows its buffer as it comes (doubling).
-const RESERVE_AHEAD: usize = 1024 * 1024;
+/// The least a message buffer grows by when room allows (up to what its frame still
+/// announces): a frame's payload does not grow its buffer read by read.
+const GROW_AT_LEAST: usize = 64 * 1024;
 
 /// What a data message carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,6 +130,12 @@ pub(crate) struct Receiver {
     state: State,
     /// A Close frame arrived (valid or not).
     close_received: bool,
+    /// Input taken in but not yet followed: what came after the point where the
+    /// message buffer had no more room (see [`Receiver::receive_within`]). Kept as it
+    /// came over the wire, masked.
+    backlog: Vec<u8>,
+    /// How many more bytes the message buffer may allocate in the current call.
+    room: usize,
 }
 
 impl Receiver {
@@ -147,13 +153,39 @@ impl Receiver {
             control: Vec::new(),
             state: State::Open,
             close_received: false,
+            backlog: Vec::new(),
+            room: usize::MAX,
         }
     }
 
-    /// Bytes this receiver holds for a message in progress, counted by capacity: what
-    /// is allocated, not only what has arrived.
+    /// Bytes this receiver holds for a message in progress and input it has not
+    /// followed yet, counted by capacity: what is allocated, not only what has arrived.
     pub(crate) fn buffered(&self) -> usize {
-        self.message.as_ref().map_or(0, |m| m.payload.capacity()) + self.control.capacity()
+        self.message_capacity() + self.control.capacity() + self.backlog.capacity()
+    }
+
+    /// Capacity of the buffer of the message in progress (0 when none is).
+    pub(crate) fn message_capacity(&self) -> usize {
+        self.message.as_ref().map_or(0, |m| m.payload.capacity())
+    }
+
+    /// Bytes the message in progress can still take without allocating: only an
+    /// uncompressed one takes wire bytes as they are.
+    pub(crate) fn spare(&self) -> usize {
+        self.message
+            .as_ref()
+            .filter(|m| !m.compressed)
+            .map_or(0, |m| m.payload.capacity() - m.payload.len())
+    }
+
+    /// Whether a data message has started and not ended.
+    pub(crate) fn message_in_progress(&self) -> bool {
+        self.message.is_some()
+    }
+
+    /// Whether input taken in earlier waits to be followed ([`Receiver::resume`]).
+    pub(crate) fn has_backlog(&self) -> bool {
+        !self.backlog.is_empty()
     }
 
     /// Whether the peer's Close arrived, or nothing more can be read (a header broke a
@@ -184,13 +216,48 @@ impl Receiver {
     /// calls `handler` for each message, control frame and violation they hold, in
     /// order. After a violation the receiver drains: frames that can still be followed
     /// are, so that the peer's Close is found; their data is dropped unread.
-    pub(crate) fn receive(&mut self, mut input: &mut [u8], handler: &mut impl Handler) {
+    pub(crate) fn receive(&mut self, input: &mut [u8], handler: &mut impl Handler) {
+        self.receive_within(input, handler, usize::MAX);
+    }
+
+    /// [`Receiver::receive`], allocating at most `room` more bytes for messages: an
+    /// uncompressed message grows by what arrives, but a few compressed bytes may
+    /// inflate to megabytes, so inflating stops where the room ends and the rest of the
+    /// input is kept ([`Receiver::buffered`] counts it) until [`Receiver::resume`] is
+    /// given more room. Nothing more should be passed in while a backlog remains.
+    pub(crate) fn receive_within(
+        &mut self,
+        mut input: &mut [u8],
+        handler: &mut impl Handler,
+        room: usize,
+    ) {
+        debug_assert!(
+            self.backlog.is_empty(),
+            "input is followed in order: the backlog first"
+        );
+        self.room = room;
         while !input.is_empty() && self.state != State::Done {
             if let Err(violation) = self.receive_some(&mut input, handler) {
                 self.drain();
                 handler.violation(violation);
             }
         }
+        self.room = usize::MAX;
+    }
+
+    /// Goes on with the input kept when the room ran out, with `room` more.
+    pub(crate) fn resume(&mut self, handler: &mut impl Handler, room: usize) {
+        let mut backlog = std::mem::take(&mut self.backlog);
+        self.receive_within(&mut backlog, handler, room);
+        if self.backlog.is_empty() && backlog.capacity() <= GROW_AT_LEAST {
+            // The common case of a backlog followed whole: keep nothing.
+            drop(backlog);
+        }
+    }
+
+    /// Keeps `rest` of the input, masked as it came, for [`Receiver::resume`].
+    fn keep_backlog(&mut self, rest: &[u8]) {
+        self.backlog.extend_from_slice(rest);
     }
 
     /// Takes in `input` up to its end or the first violation, leaving the rest in it.
@@ -246,14 +313,6 @@ impl Receiver {
                     self.control_frame(header.opcode, payload, handler)?;
                     continue;
                 }
-                if !frame.skip && !header.opcode.is_control() {
-                    if let Some(message) = self.message.as_mut().filter(|m| !m.compressed) {
-                        // Room for the frame at once instead of doubling as it arrives,
-                        // but no more ahead of its bytes than one reservation: the
-                        // length is the peer's word, and capacity is memory held.
-                        message.payload.reserve_exact(len.min(RESERVE_AHEAD));
-                    }
-                }
             }
             let frame = self
                 .frame
@@ -266,7 +325,25 @@ impl Receiver {
             frame.done += take as u64;
             if !skip {
                 frame::unmask(piece, header.mask, offset);
-                self.payload_piece(header, piece)?;
+                let used = self.payload_piece(header, piece)?;
+                if used < piece.len() {
+                    // Out of room: the rest of the piece goes back to the frame, masked
+                    // again as it came (masking is its own inverse), and waits with
+                    // the input after it.
+                    let frame = self
+                        .frame
+                        .as_mut()
+                        .expect("invariant: the frame of this piece is still in progress");
+                    frame.done -= (piece.len() - used) as u64;
+                    let unused = &mut piece[used..];
+                    frame::unmask(unused, header.mask, offset + used as u64);
+                    let mut kept = Vec::with_capacity(unused.len() + input.len());
+                    kept.extend_from_slice(unused);
+                    kept.extend_from_slice(input);
+                    self.keep_backlog(&kept);
+                    *input = &mut [];
+                    return Ok(());
+                }
             }
             if frame_done(&self.frame) {
                 let frame = self.frame.take().expect("invariant: checked just above");
@@ -377,12 +454,19 @@ impl Receiver {
             && self.state == State::Open
     }
 
-    /// Adds a piece of payload (unmasked) to the control frame or message it belongs to.
-    fn payload_piece(&mut self, header: Header, piece: &[u8]) -> Result<(), Violation> {
+    /// Adds a piece of payload (unmasked) to the control frame or message it belongs to,
+    /// and says how much of it was taken: less than all only when inflating ran out of
+    /// room.
+    fn payload_piece(&mut self, header: Header, piece: &[u8]) -> Result<usize, Violation> {
         if header.opcode.is_control() {
             self.control.extend_from_slice(piece);
-            return Ok(());
+            return Ok(piece.len());
         }
+        let ahead = self
+            .frame
+            .as_ref()
+            .map_or(0, |frame| (frame.header.len - frame.done) as usize)
+            + piece.len();
         let message = self
             .message
             .as_mut()
@@ -393,7 +477,12 @@ impl Receiver {
                 .inflater
                 .as_mut()
                 .expect("invariant: start_frame refuses RSV1 unless deflate was agreed");
-            let inflated = inflater.inflate(piece, &mut message.payload, self.limits.max_message);
+            let inflated = inflater.inflate(
+                piece,
+                &mut message.payload,
+                self.limits.max_message,
+                &mut self.room,
+            );
             // What inflated before a corrupt byte is checked first, so that the same
             // bytes give the same violation however reads cut them.
             if let Some(utf8) = &mut message.utf8 {
@@ -402,12 +491,13 @@ impl Receiver {
             }
             return inflated.map_err(inflate_violation);
         }
+        grow(&mut message.payload, piece.len(), ahead, &mut self.room);
         message.payload.extend_from_slice(piece);
         if let Some(utf8) = &mut message.utf8 {
             utf8.feed(&message.payload[start..])
                 .map_err(|_| Violation::InvalidUtf8)?;
         }
-        Ok(())
+        Ok(piece.len())
     }
 
     /// A frame's payload is complete.
@@ -471,6 +561,21 @@ impl Receiver {
         }
         Ok(())
     }
+}
+
+/// Makes room in `payload` for `need` more bytes. It grows by at least
+/// [`GROW_AT_LEAST`] and by as much as it holds (doubling, so that copies stay
+/// linear), but never past what the frame still announces (`ahead`: the length is the
+/// peer's word, and capacity is memory held) nor past `room` unless `need` itself is
+/// more (bytes already read must be kept). `room` is charged for what was allocated.
+fn grow(payload: &mut Vec<u8>, need: usize, ahead: usize, room: &mut usize) {
+    if payload.capacity() - payload.len() >= need {
+        return;
+    }
+    let before = payload.capacity();
+    let wanted = payload.len().max(GROW_AT_LEAST).min(ahead).min(*room);
+    payload.reserve_exact(need.max(wanted));
+    *room = room.saturating_sub(payload.capacity() - before);
 }
 
 /// Whether the frame in progress has all its payload.
@@ -848,6 +953,82 @@ mod tests {
             bytes.extend(client_frame(first, piece, MASK));
         }
         bytes
+    }
+
+    /// A deflate bomb inflates no further than the room each call gives: what it
+    /// cannot inflate yet is kept, and resuming with more room yields the same
+    /// message and the frames after it, in order, wherever the room runs out.
+    #[test]
+    fn inflating_stops_where_the_room_ends_and_resumes_in_order() {
+        const MIB: usize = 1024 * 1024;
+        let limits = Limits {
+            max_frame: MIB,
+            max_message: 4 * MIB,
+        };
+        let payload: Vec<u8> = (0..4 * MIB).map(|i| (i / 4096) as u8).collect();
+        for fragments in [1, 3] {
+            let mut bytes = compressed(0x2, &payload, fragments);
+            assert!(bytes.len() < 64 * 1024, "a bomb: {} bytes", bytes.len());
+            bytes.extend(client_frame(0x89, b"after", MASK));
+            for room in [4096, 64 * 1024, 1000 * 1000] {
+                let mut receiver = Receiver::new(limits, Some(deflate_params()));
+                let mut record = Record::default();
+                let mut calls = 0;
+                let mut before = receiver.buffered();
+                receiver.receive_within(&mut bytes.clone(), &mut record, room);
+                loop {
+                    // What a call adds is its room plus the input it keeps.
+                    assert!(
+                        receiver.buffered() <= before + room + bytes.len(),
+                        "room {room}: {} after {before}",
+                        receiver.buffered()
+                    );
+                    if !receiver.has_backlog() {
+                        break;
+                    }
+                    calls += 1;
+                    before = receiver.buffered();
+                    receiver.resume(&mut record, room);
+                }
+                assert_eq!(
+                    record.0,
+                    [
+                        Seen::Message(Kind::Binary, payload.clone()),
+                        Seen::Ping(b"after".to_vec())
+                    ],
+                    "room {room}, {fragments} fragments"
+                );
+                assert!(
+                    calls >= 4 * MIB / room.max(1) / 2,
+                    "room {room}: {calls} calls"
+                );
+                assert_eq!(receiver.buffered(), 0);
+            }
+        }
+    }
+
+    /// An uncompressed message grows its buffer by what arrives, not by what its
+    /// header announces, and by no more than the room allows past the piece itself.
+    #[test]
+    fn an_uncompressed_message_grows_within_the_room() {
+        let limits = Limits {
+            max_frame: 1 << 24,
+            max_message: 1 << 24,
+        };
+        let mut receiver = Receiver::new(limits, None);
+        let mut record = Record::default();
+        let frame = client_frame(0x82, &vec![7; 1 << 20], MASK);
+        // The header (14 bytes) announces 1 MiB; only 100 bytes of it arrive.
+        receiver.receive_within(&mut frame[..114].to_vec(), &mut record, 1 << 20);
+        assert!(
+            receiver.buffered() <= GROW_AT_LEAST,
+            "{}",
+            receiver.buffered()
+        );
+        let mut receiver = Receiver::new(limits, None);
+        receiver.receive_within(&mut frame[..114].to_vec(), &mut record, 200);
+        assert!(receiver.buffered() <= 200, "{}", receiver.buffered());
+        assert_eq!(receiver.spare(), receiver.buffered() - 100);
     }
 
     #[test]

@@ -272,26 +272,36 @@ impl Inflater {
     /// with [`InflateError::TooLarge`] once `out` holds `limit + 1` of them; we never grow
     /// `out` past that, so a deflate bomb costs at most the limit. After an error `out`
     /// holds a partial message and the connection must be failed.
+    ///
+    /// `out` grows by at most `room` bytes (charged as it grows): when that is spent
+    /// with input left, inflating stops and returns how much of `input` it used, and
+    /// the caller passes the rest again with more room.
     pub(crate) fn inflate(
         &mut self,
         input: &[u8],
         out: &mut Vec<u8>,
         limit: usize,
-    ) -> Result<(), InflateError> {
+        room: &mut usize,
+    ) -> Result<usize, InflateError> {
         // Empty frames cost nothing, and what follows a final block is ignored.
         if input.is_empty() || self.ended {
-            return Ok(());
+            return Ok(input.len());
         }
         let bits = self.window_bits;
         let state = self
             .state
             .get_or_insert_with(|| Decompress::new_with_window_bits(false, bits));
-        let result = inflate_into(state, input, out, limit);
-        self.ended = result == Ok(true);
-        if result.is_err() {
-            self.state = None;
+        let result = inflate_into(state, input, out, limit, room);
+        match result {
+            Ok((used, ended)) => {
+                self.ended = ended;
+                Ok(used)
+            }
+            Err(error) => {
+                self.state = None;
+                Err(error)
+            }
         }
-        result.map(drop)
     }
 
     /// Ends the current message: inflates the §7.2.2 trailer, then releases the zlib state
@@ -301,7 +311,12 @@ impl Inflater {
         let result = match &mut self.state {
             // The trailer is an empty stored block: nothing to do for a stream that has
             // not started, or that already ended.
-            Some(state) if !self.ended => inflate_into(state, &TRAILER, out, limit).map(drop),
+            // What zlib still holds once its input is used is less than one match (258
+            // bytes): the trailer needs no room of its own.
+            Some(state) if !self.ended => {
+                let mut unlimited = usize::MAX;
+                inflate_into(state, &TRAILER, out, limit, &mut unlimited).map(drop)
+            }
             _ => Ok(()),
         };
         // A stream that ended cannot go on; the next message starts a new one.
@@ -319,26 +334,36 @@ impl Inflater {
     }
 }
 
-/// Runs `state` over all of `input`, appending to `out` until zlib has nothing more to
-/// give; `Ok(true)` when the deflate stream ended.
+/// Runs `state` over `input`, appending to `out` until zlib has nothing more to give or
+/// `out` may grow by no more than `room`: how much of `input` was used, and whether the
+/// deflate stream ended.
 fn inflate_into(
     state: &mut Decompress,
     mut input: &[u8],
     out: &mut Vec<u8>,
     limit: usize,
-) -> Result<bool, InflateError> {
+    room: &mut usize,
+) -> Result<(usize, bool), InflateError> {
     // One byte past the limit is how we learn the message is too large.
     let ceiling = limit.saturating_add(1);
     if out.len() > limit {
         return Err(InflateError::TooLarge);
     }
+    let given = input.len();
     loop {
         if out.len() == out.capacity() {
-            // Never past the ceiling; a few times the input for ordinary data, doubling
-            // for data that keeps expanding so that the copies stay linear.
-            let step =
-                (ceiling - out.len()).min(input.len().saturating_mul(4).max(4096).max(out.len()));
+            // Never past the ceiling nor the room; a few times the input for ordinary
+            // data, doubling for data that keeps expanding so that the copies stay
+            // linear.
+            let step = (ceiling - out.len())
+                .min(input.len().saturating_mul(4).max(4096).max(out.len()))
+                .min(*room);
+            if step == 0 {
+                return Ok((given - input.len(), false));
+            }
+            let before = out.capacity();
             out.reserve_exact(step);
+            *room = room.saturating_sub(out.capacity() - before);
         }
         let (in_before, out_before) = (state.total_in(), state.total_out());
         let status = state
@@ -349,13 +374,13 @@ fn inflate_into(
             return Err(InflateError::TooLarge);
         }
         if status == Status::StreamEnd {
-            return Ok(true);
+            return Ok((given, true));
         }
         // zlib stops only when it runs out of input or of output space: with space left
         // over it has given all it can.
         if out.len() < out.capacity() {
             if input.is_empty() {
-                return Ok(false);
+                return Ok((given, false));
             }
             if (state.total_in(), state.total_out()) == (in_before, out_before) {
                 // Input and space, yet no progress: not something valid data does.
@@ -619,11 +644,14 @@ mod tests {
 
     type Inflated = Result<Vec<u8>, InflateError>;
 
+    /// Room for inflating without a cap.
+    const UNLIMITED: usize = usize::MAX;
+
     /// Inflates one whole message that arrives in `pieces`.
     fn inflate_all(inflater: &mut Inflater, pieces: &[&[u8]], limit: usize) -> Inflated {
         let mut out = Vec::new();
         for piece in pieces {
-            inflater.inflate(piece, &mut out, limit)?;
+            inflater.inflate(piece, &mut out, limit, &mut { UNLIMITED })?;
         }
         inflater.finish(&mut out, limit)?;
         Ok(out)
@@ -723,7 +751,9 @@ mod tests {
         let mut inflater = Inflater::new(&p);
         assert!(!inflater.holds_state());
         let mut out = Vec::new();
-        inflater.inflate(&compressed, &mut out, MIB).unwrap();
+        inflater
+            .inflate(&compressed, &mut out, MIB, &mut { UNLIMITED })
+            .unwrap();
         assert!(inflater.holds_state());
         inflater.finish(&mut out, MIB).unwrap();
         assert!(!inflater.holds_state());
@@ -749,7 +779,7 @@ mod tests {
         assert!(bomb.len() < 16 * 1024, "{}", bomb.len());
         let mut inflater = Inflater::new(&p);
         let mut out = Vec::new();
-        let result = inflater.inflate(&bomb, &mut out, MIB);
+        let result = inflater.inflate(&bomb, &mut out, MIB, &mut { UNLIMITED });
         assert_eq!(result, Err(InflateError::TooLarge));
         assert!(out.capacity() <= MIB + 64 * 1024, "{}", out.capacity());
         assert!(!inflater.holds_state());

@@ -153,7 +153,7 @@ proptest! {
         if rsv1_seen {
             let mut inflater = deflate::Inflater::new(&params());
             let mut out = Vec::new();
-            inflater.inflate(&joined, &mut out, usize::MAX - 1).unwrap();
+            inflater.inflate(&joined, &mut out, usize::MAX - 1, &mut { usize::MAX }).unwrap();
             inflater.finish(&mut out, usize::MAX - 1).unwrap();
             joined = out;
         } else {

@@ -4,6 +4,7 @@
 
 mod abuse;
 mod browser_tls;
+mod budget;
 #[path = "../common/chromium.rs"]
 mod chromium;
 mod conformance;

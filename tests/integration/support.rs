@@ -428,7 +428,7 @@ impl ServerProcess {
 
     /// Starts `ws_echo` with `args` and the variables `env` set.
     pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Self {
-        Self::spawn(Self::command(args, env))
+        Self::spawn_command(Self::command(args, env))
     }
 
     /// Starts `ws_echo` with `args` under `taskset -c 0`: a process allowed one CPU.
@@ -445,11 +445,11 @@ impl ServerProcess {
                 None => command.env_remove(name),
             };
         }
-        Self::spawn(command)
+        Self::spawn_command(command)
     }
 
     /// Spawns `command` and reads the port from its first log line.
-    fn spawn(mut command: std::process::Command) -> Self {
+    pub fn spawn_command(mut command: std::process::Command) -> Self {
         use std::io::BufRead;
         let mut child = command
             .stdout(std::process::Stdio::piped())

@@ -1,0 +1,414 @@
+//! The memory promise under abuse, on the real binary with real sockets: the four
+//! attacks of the issue "The memory promise holds under abuse", scaled down (a small
+//! budget, short timeouts, hundreds of connections). Each asserts what the README
+//! promises: the RSS bound, the closes and their codes, a prompt echo for a polite
+//! client, the open gauge, and an answer (503) at the TCP connection cap.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+    time::Instant,
+};
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::support::{ServerProcess, assert_echoes, deflate, encode_frame, raw_handshake};
+
+const MIB: u64 = 1 << 20;
+
+/// What each connection may hold outside the budget, and what it costs besides
+/// (README "Limits"): the free allowance, one read, the task and its buffers.
+const PER_CONNECTION: u64 = 64 * 1024 + 64 * 1024 + 16 * 1024;
+
+/// Allocator fragmentation and thread stacks.
+const SLACK: u64 = 48 * MIB;
+
+fn addr(server: &ServerProcess) -> SocketAddr {
+    format!("127.0.0.1:{}", server.port)
+        .parse()
+        .expect("address")
+}
+
+/// A client socket with a small receive buffer, so that echoes cannot hide in the
+/// kernel, upgraded with `extra` handshake headers.
+async fn non_reader(server: &ServerProcess, extra: &str) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .set_recv_buffer_size(4096)
+        .expect("small receive buffer");
+    let stream = socket.connect(addr(server)).await.expect("connect");
+    let (client, head) = raw_handshake(stream, extra).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    client.stream
+}
+
+/// The value of the series `name` (with its labels, as Prometheus prints them), 0 when
+/// absent.
+async fn metric(server: &ServerProcess, name: &str) -> f64 {
+    let mut stream = TcpStream::connect(addr(server)).await.expect("connect");
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("request");
+    let mut text = String::new();
+    stream.read_to_string(&mut text).await.expect("response");
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+        .map_or(0.0, |value| value.trim().parse().expect("a number"))
+}
+
+/// Samples RSS every 100 ms for `period`; the peak.
+async fn peak_rss(server: &ServerProcess, period: Duration) -> u64 {
+    let mut peak = server.rss();
+    let end = Instant::now() + period;
+    while Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        peak = peak.max(server.rss());
+    }
+    peak
+}
+
+/// Waits up to `limit` for `ws_echo_connections_open` to reach `open`; how long it took.
+async fn open_gauge_reaches(server: &ServerProcess, open: f64, limit: Duration) -> Duration {
+    let started = Instant::now();
+    loop {
+        let now = metric(server, "ws_echo_connections_open").await;
+        if now == open {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < limit,
+            "ws_echo_connections_open is {now}, not {open}, after {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn assert_bounded(what: &str, baseline: u64, peak: u64, budget: u64, clients: u64) {
+    let bound = baseline + budget + clients * PER_CONNECTION + SLACK;
+    eprintln!(
+        "{what}: RSS baseline {} MiB, peak {} MiB, bound {} MiB",
+        baseline / MIB,
+        peak / MIB,
+        bound / MIB
+    );
+    assert!(
+        peak < bound,
+        "{what}: RSS {} MiB exceeds the bound {} MiB",
+        peak / MIB,
+        bound / MIB
+    );
+}
+
+/// Attack 1: compressed messages that inflate 250 times. Each of 40 clients offers
+/// permessage-deflate with `server_max_window_bits=9` (so the echoes do not compress)
+/// and sends 4 MiB messages of one 16 KiB block repeated, about 16 KiB each on the
+/// wire, never reading. Counting only wire bytes, the server held 8 MiB per client
+/// (the message and its echo): 320 MiB for 300 KiB uploaded. The budget now counts
+/// what messages inflate to, and inflating waits for it like reading does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compressed_uploads_are_charged_as_they_inflate() {
+    const CLIENTS: u64 = 40;
+    const BUDGET: u64 = 16 * MIB;
+    let server = ServerProcess::start(&[
+        "--buffer-budget",
+        &BUDGET.to_string(),
+        "--max-message-size",
+        &(4 * MIB).to_string(),
+        "--max-frame-size",
+        &(4 * MIB).to_string(),
+        "--ping-interval",
+        "0s",
+    ]);
+    let baseline = server.rss();
+    let block: Vec<u8> = (0..16 * 1024u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let message: Vec<u8> = block.iter().copied().cycle().take(4 << 20).collect();
+    let frame = Arc::new(encode_frame(true, true, 0x2, &deflate(&message), true));
+    assert!(
+        frame.len() < 256 * 1024,
+        "{} bytes on the wire",
+        frame.len()
+    );
+    let mut clients = Vec::new();
+    for _ in 0..CLIENTS {
+        let mut stream = non_reader(
+            &server,
+            "Sec-WebSocket-Extensions: permessage-deflate; server_max_window_bits=9\r\n",
+        )
+        .await;
+        let frame = Arc::clone(&frame);
+        clients.push(tokio::spawn(async move {
+            for _ in 0..4 {
+                if stream.write_all(&frame).await.is_err() {
+                    break;
+                }
+            }
+            std::future::pending::<()>().await;
+        }));
+    }
+    let peak = peak_rss(&server, Duration::from_secs(3)).await;
+    for client in clients {
+        client.abort();
+    }
+    assert_bounded("inflating uploads", baseline, peak, BUDGET, CLIENTS);
+}
+
+/// Attack 2: 200 clients send 1 MiB messages and never read, past a budget of 16 MiB.
+/// Most of them wait for the budget with nothing of theirs unsent, yet every one is
+/// closed: by the stall timeout (echoes unread, also while waiting for the budget) or
+/// the message timeout (a message holding budget while others wait), and memory stays
+/// bounded throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_never_read_are_all_closed_even_when_waiting_for_budget() {
+    const CLIENTS: u64 = 200;
+    const BUDGET: u64 = 16 * MIB;
+    let server = ServerProcess::start(&[
+        "--buffer-budget",
+        &BUDGET.to_string(),
+        "--stall-timeout",
+        "2s",
+        "--message-timeout",
+        "2s",
+        "--close-timeout",
+        "1s",
+        "--ping-interval",
+        "0s",
+    ]);
+    let baseline = server.rss();
+    let message = Arc::new(encode_frame(true, false, 0x2, &vec![b'm'; 1 << 20], true));
+    let mut clients = Vec::new();
+    for _ in 0..CLIENTS {
+        let mut stream = non_reader(&server, "").await;
+        let message = Arc::clone(&message);
+        clients.push(tokio::spawn(async move {
+            for _ in 0..4 {
+                if stream.write_all(&message).await.is_err() {
+                    break;
+                }
+            }
+            // Never read; keep the socket open.
+            std::future::pending::<()>().await;
+        }));
+    }
+    let peak = peak_rss(&server, Duration::from_secs(2)).await;
+    let took = open_gauge_reaches(&server, 0.0, Duration::from_secs(30)).await;
+    let stalled = metric(&server, "ws_echo_limit_drops_total{limit=\"stall\"}").await;
+    let timed_out = metric(
+        &server,
+        "ws_echo_limit_drops_total{limit=\"message_timeout\"}",
+    )
+    .await;
+    eprintln!("all closed {took:?} after the peak: {stalled} stalled, {timed_out} timed out");
+    assert_eq!(stalled + timed_out, CLIENTS as f64);
+    assert!(metric(&server, "ws_echo_budget_waits_total").await > 0.0);
+    for client in clients {
+        client.abort();
+    }
+    assert_bounded("clients that never read", baseline, peak, BUDGET, CLIENTS);
+}
+
+/// Sends the first fragment (FIN=0) of a message of `len` bytes, all of its payload
+/// that `len` announces, and stays silent. Dropping it resets the connection: a FIN
+/// could not reach a server whose receive window the unread bytes have closed (it waits
+/// in the client's kernel behind them), a reset does.
+async fn hold_a_fragment(server: &ServerProcess, len: usize) -> tokio::task::JoinHandle<()> {
+    let mut stream = non_reader(server, "").await;
+    // Deprecated because a nonzero linger blocks the thread on drop; zero does not.
+    #[allow(deprecated)]
+    stream.set_linger(Some(Duration::ZERO)).expect("SO_LINGER");
+    let fragment = encode_frame(false, false, 0x2, &vec![b'h'; len], true);
+    tokio::spawn(async move {
+        let _ = stream.write_all(&fragment).await;
+        // Silent until aborted; dropping the task closes the socket.
+        std::future::pending::<()>().await;
+    })
+}
+
+/// Attack 3: 20 clients each hold the first 4 MiB of a message that never ends, past a
+/// 64 MiB budget (the issue's 20 × 16 MiB against 256 MiB, scaled by a quarter). A polite client's 1 MiB message is echoed within a few
+/// message timeouts: the holders are closed (1008) while others wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_fragments_do_not_freeze_other_clients_messages() {
+    let server = ServerProcess::start(&[
+        "--buffer-budget",
+        &(64 * MIB).to_string(),
+        "--max-message-size",
+        &(8 * MIB).to_string(),
+        "--max-frame-size",
+        &(8 * MIB).to_string(),
+        "--message-timeout",
+        "1s",
+        "--close-timeout",
+        "1s",
+        "--ping-interval",
+        "0s",
+    ]);
+    let mut holders = Vec::new();
+    for _ in 0..20 {
+        holders.push(hold_a_fragment(&server, 4 << 20).await);
+    }
+    // The budget is spent: connections wait for it.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while metric(&server, "ws_echo_budget_waits_total").await == 0.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the holders never spent the budget"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (mut polite, _) = tokio_tungstenite::connect_async(server.ws_url())
+        .await
+        .expect("connect");
+    let started = Instant::now();
+    tokio::time::timeout(
+        Duration::from_secs(8),
+        assert_echoes(&mut polite, Message::binary(vec![7; 1 << 20])),
+    )
+    .await
+    .expect("the polite client's 1 MiB message is echoed within 8 s");
+    eprintln!("polite 1 MiB echo after {:?}", started.elapsed());
+    for holder in holders {
+        holder.abort();
+    }
+}
+
+/// Attack 3, second half: clients waiting for the budget read nothing, so when they
+/// leave (here by a reset), only the socket can tell. With no timeout to end them (message timeout and
+/// keepalive off), the open gauge still returns to zero at once, and no socket is left
+/// in CLOSE-WAIT.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_leave_while_waiting_for_budget_are_noticed_at_once() {
+    let server = ServerProcess::start(&[
+        "--buffer-budget",
+        &(16 * MIB).to_string(),
+        "--max-message-size",
+        &(8 * MIB).to_string(),
+        "--max-frame-size",
+        &(8 * MIB).to_string(),
+        "--message-timeout",
+        "0s",
+        "--stall-timeout",
+        "0s",
+        "--ping-interval",
+        "0s",
+    ]);
+    let mut holders = Vec::new();
+    for _ in 0..20 {
+        holders.push(hold_a_fragment(&server, 4 << 20).await);
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        metric(&server, "ws_echo_budget_waits_total").await > 0.0,
+        "some of them wait for the budget"
+    );
+    assert_eq!(metric(&server, "ws_echo_connections_open").await, 20.0);
+    for holder in holders {
+        holder.abort();
+    }
+    let took = open_gauge_reaches(&server, 0.0, Duration::from_secs(2)).await;
+    eprintln!("gauge at zero {took:?} after the clients left");
+    // /proc/net/tcp: local address (hex port after ':') and state (08 is CLOSE-WAIT).
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("read /proc/net/tcp");
+    let port = format!(":{:04X}", server.port);
+    let close_wait = table
+        .lines()
+        .skip(1)
+        .filter(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            fields.get(1).is_some_and(|local| local.ends_with(&port))
+                && fields.get(3) == Some(&"08")
+        })
+        .count();
+    assert_eq!(close_wait, 0, "server sockets left in CLOSE-WAIT");
+}
+
+/// Attack 4, first half: an HTTP/2 connection that made one request and then idles is
+/// closed after the handshake timeout, as an idle HTTP/1.1 keep-alive connection is.
+#[tokio::test]
+async fn an_idle_http2_connection_is_closed() {
+    use hyper::client::conn::http2;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let server = ServerProcess::start(&["--handshake-timeout", "1s"]);
+    let stream = TcpStream::connect(addr(&server)).await.expect("connect");
+    let (mut sender, connection) = http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+        .await
+        .expect("HTTP/2 handshake");
+    let connection = tokio::spawn(connection);
+    let request = http::Request::get(format!("http://127.0.0.1:{}/healthz", server.port))
+        .body(axum::body::Body::empty())
+        .expect("request");
+    let response = sender.send_request(request).await.expect("response");
+    assert_eq!(response.status(), 200);
+    let started = Instant::now();
+    tokio::time::timeout(Duration::from_secs(5), connection)
+        .await
+        .expect("the server closes the idle HTTP/2 connection")
+        .expect("connection task")
+        .expect("a graceful close (GOAWAY), not an error");
+    eprintln!(
+        "idle HTTP/2 connection closed after {:?}",
+        started.elapsed()
+    );
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    assert_eq!(
+        metric(&server, "ws_echo_limit_drops_total{limit=\"http_idle\"}").await,
+        1.0
+    );
+}
+
+/// Attack 4, second half: with an open-file limit of 256, 300 idle connections would
+/// exhaust the process's descriptors, and then nobody got an answer. The TCP cap (256
+/// less 128) keeps descriptors free: past it, a new client gets 503 with Retry-After.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_tcp_cap_a_client_gets_503_not_silence() {
+    let server = {
+        let inner = ServerProcess::command(&[], &[]);
+        let mut command = std::process::Command::new("sh");
+        command
+            .arg("-c")
+            .arg("ulimit -n 256 && exec \"$0\" \"$@\"")
+            .arg(inner.get_program())
+            .args(inner.get_args());
+        ServerProcess::spawn_command(command)
+    };
+    assert!(
+        server.first_line.contains("\"max_tcp_connections\":128"),
+        "{}",
+        server.first_line
+    );
+    let mut idle = Vec::new();
+    for _ in 0..300 {
+        idle.push(TcpStream::connect(addr(&server)).await.expect("connect"));
+    }
+    let mut stream = TcpStream::connect(addr(&server)).await.expect("connect");
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .expect("request");
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer))
+        .await
+        .expect("an answer, not silence")
+        .expect("read");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains("Retry-After: 1"), "{answer}");
+    assert!(
+        metric_after_freeing(&server, &mut idle).await > 0.0,
+        "refusals are counted"
+    );
+}
+
+/// Frees the idle connections and reads the TCP-cap refusal count.
+async fn metric_after_freeing(server: &ServerProcess, idle: &mut Vec<TcpStream>) -> f64 {
+    idle.clear();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    metric(
+        server,
+        "ws_echo_limit_drops_total{limit=\"tcp_connections\"}",
+    )
+    .await
+}
