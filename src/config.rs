@@ -120,7 +120,9 @@ pub struct Config {
 
     /// Close (1008) a connection whose message in progress holds budget (is past the
     /// 64 KiB each connection has free) and makes no progress for this long: no bytes
-    /// arrive for it, or other connections wait for the budget meanwhile; 0 never does.
+    /// arrive for it, or it holds more than its share while other connections wait for
+    /// the budget; one that itself waits for the budget is closed after three times
+    /// this. 0 never does.
     #[arg(long, env = "WS_ECHO_MESSAGE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub message_timeout: Duration,
 

@@ -249,15 +249,6 @@ impl Receiver {
     pub(crate) fn resume(&mut self, handler: &mut impl Handler, room: usize) {
         let mut backlog = std::mem::take(&mut self.backlog);
         self.receive_within(&mut backlog, handler, room);
-        if self.backlog.is_empty() && backlog.capacity() <= GROW_AT_LEAST {
-            // The common case of a backlog followed whole: keep nothing.
-            drop(backlog);
-        }
-    }
-
-    /// Keeps `rest` of the input, masked as it came, for [`Receiver::resume`].
-    fn keep_backlog(&mut self, rest: &[u8]) {
-        self.backlog.extend_from_slice(rest);
     }
 
     /// Takes in `input` up to its end or the first violation, leaving the rest in it.
@@ -337,10 +328,9 @@ impl Receiver {
                     frame.done -= (piece.len() - used) as u64;
                     let unused = &mut piece[used..];
                     frame::unmask(unused, header.mask, offset + used as u64);
-                    let mut kept = Vec::with_capacity(unused.len() + input.len());
-                    kept.extend_from_slice(unused);
-                    kept.extend_from_slice(input);
-                    self.keep_backlog(&kept);
+                    self.backlog.reserve_exact(unused.len() + input.len());
+                    self.backlog.extend_from_slice(unused);
+                    self.backlog.extend_from_slice(input);
                     *input = &mut [];
                     return Ok(());
                 }

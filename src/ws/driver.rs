@@ -51,17 +51,17 @@ pub(crate) const FREE_ALLOWANCE: usize = 64 * 1024;
 /// large message grows its buffer a few times, not once per chunk.
 const BUDGET_CHUNK: usize = 64 * 1024;
 
-/// How often a connection waiting for the budget looks whether its client has left.
-const PEER_CHECK: Duration = Duration::from_millis(250);
-
-/// Message checks a connection may spend waiting for the budget before it is closed.
-const STARVED_CHECKS: u8 = 3;
-
 /// The most taken from the budget at a time. Each step of a growing message is a
 /// reallocation, and its old buffer is resident until the allocator purges it: 4 MiB
 /// steps (rather than 1 MiB) took the peak of 20 clients holding 16 MiB fragments from
 /// 383 to 343 MiB (benches/attacks.py hold).
 const MAX_BUDGET_CHUNK: usize = 4 * 1024 * 1024;
+
+/// How often a connection waiting for the budget looks whether its client has left.
+const PEER_CHECK: Duration = Duration::from_millis(250);
+
+/// Message checks a connection may spend waiting for the budget before it is closed.
+const STARVED_CHECKS: u8 = 3;
 
 /// Reads one wake-up may take before the connection yields to others.
 const MAX_READS_PER_POLL: u32 = 32;
@@ -476,8 +476,8 @@ impl<'a, S: Transport> Driver<'a, S> {
             }
             // Echoes the client does not take: past the write limit, or any while the
             // read waits for budget they hold.
-            let stalled = self.outbox.len() >= self.rules.write_limit
-                || (self.budget_wait.is_some() && !self.outbox.is_empty());
+            let stalled =
+                self.outbox.len() >= self.rules.write_limit || (waiting && !self.outbox.is_empty());
             let mut timers_moved = false;
             if !stalled {
                 self.stalled_since = None;
