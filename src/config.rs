@@ -49,6 +49,10 @@ pub(crate) const DEFAULT_BUFFER_BUDGET: usize = 256 * 1024 * 1024;
 pub(crate) const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a message that holds budget may go without progress.
 pub(crate) const DEFAULT_MESSAGE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest delay, jitter or stream interval a test control may ask for.
+pub(crate) const DEFAULT_MAX_DELAY: Duration = Duration::from_secs(30);
+/// Most bytes one connection's `stream` control may send.
+pub(crate) const DEFAULT_MAX_STREAM_BYTES: u64 = 64 * 1024 * 1024;
 /// Deflate level used when compression is negotiated (0–9).
 pub(crate) const DEFAULT_COMPRESSION_LEVEL: u32 = 1;
 /// Messages smaller than this are sent uncompressed even when deflate is negotiated.
@@ -230,6 +234,23 @@ pub struct Config {
     )]
     pub no_subprotocol: bool,
 
+    /// Longest `delay`, `jitter` and stream `interval` a client may ask for in the URL
+    /// (test controls, see `GET /controls`).
+    #[arg(long, env = "WS_ECHO_MAX_DELAY", default_value = "30s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub max_delay: Duration,
+
+    /// Most bytes one connection's `stream` control may ask for (stream × size).
+    #[arg(long, env = "WS_ECHO_MAX_STREAM_BYTES", default_value_t = DEFAULT_MAX_STREAM_BYTES, value_name = "BYTES")]
+    pub max_stream_bytes: u64,
+
+    /// Close (1000) every WebSocket this long after its upgrade; 0 never does.
+    #[arg(long, env = "WS_ECHO_MAX_CONNECTION_DURATION", default_value = "0s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub max_connection_duration: Duration,
+
+    /// Plain echo only: test controls in the URL (`?delay=…`, `?close=…`) are ignored.
+    #[arg(long, env = "WS_ECHO_NO_CONTROLS", value_parser = BoolishValueParser::new())]
+    pub no_controls: bool,
+
     /// Serve `/metrics` on this address instead of the main one (for example to keep
     /// it off a public port). [default: on the main address]
     #[arg(long, env = "WS_ECHO_METRICS_LISTEN", value_name = "ADDR")]
@@ -405,6 +426,14 @@ pub struct Settings {
     pub instance_name: String,
     /// Where `/metrics` is served when not on the main address.
     pub metrics_addr: Option<SocketAddr>,
+    /// Whether clients may use test controls.
+    pub controls: bool,
+    /// Longest delay a control may ask for.
+    pub max_delay: Duration,
+    /// Most bytes a `stream` control may ask for.
+    pub max_stream_bytes: u64,
+    /// Every WebSocket is closed this long after its upgrade.
+    pub max_connection_duration: Option<Duration>,
     /// TLS for every connection on the port; `None` serves plain HTTP (and h2c).
     pub tls: Option<TlsSettings>,
 }
@@ -441,6 +470,10 @@ impl Default for Settings {
             subprotocols: SubprotocolPolicy::AcceptFirst,
             instance_name: default_instance_name(),
             metrics_addr: None,
+            controls: true,
+            max_delay: DEFAULT_MAX_DELAY,
+            max_stream_bytes: DEFAULT_MAX_STREAM_BYTES,
+            max_connection_duration: None,
             tls: None,
         }
     }
@@ -598,6 +631,10 @@ impl Config {
             subprotocols,
             instance_name,
             metrics_addr: self.metrics_listen,
+            controls: !self.no_controls,
+            max_delay: self.max_delay,
+            max_stream_bytes: self.max_stream_bytes,
+            max_connection_duration: nonzero(self.max_connection_duration),
             tls,
         })
     }

@@ -4,7 +4,8 @@
 //! `GET /` serves a small page that talks to the echo, and `GET /ws` upgrades to a
 //! WebSocket (RFC 6455, with permessage-deflate from RFC 7692) and sends back every text
 //! and binary message it receives, unchanged and in order. HTTP/1.1 and HTTP/2 (RFC 8441
-//! extended CONNECT) both carry it, in plain text or over TLS.
+//! extended CONNECT) both carry it, in plain text or over TLS. Test controls in the
+//! URL (`/ws?delay=1s&fragment=3`) make it misbehave on request.
 //!
 //! # Layout
 //!
@@ -13,12 +14,13 @@
 //!   accepts connections, applies the caps and drains them on shutdown; `tls`
 //!   ([`TlsSettings`]); `app`, the router, and `state`, what handlers share; `page`
 //!   (`GET /`); `origin` ([`OriginPattern`]); `limits`, caps on open WebSockets;
-//!   `hello`, the opt-in greeting; `upgrade` (`GET /ws`), which hands a connection to
-//!   `ws` in a task of its own.
+//!   `hello`, the opt-in greeting; `upgrade` (`GET /ws`, and a handshake to `/`),
+//!   which checks the test controls and hands a connection to `ws` in a task of its own.
 //! - `ws`: the WebSocket protocol, ours from the frame up. `handshake` checks an upgrade
 //!   and negotiates subprotocol and compression (`deflate`); `frame` is the one frame
 //!   codec; `connection` the sans-IO state machine (fragments, UTF-8, control frames,
-//!   close, limits; violations in `close`); `echo` the policy that answers it; `driver`
+//!   close, limits; violations in `close`); `echo` the policy that answers it (under
+//!   test controls, parsed in `controls` and carried out in `controlled`); `driver`
 //!   the one I/O loop per connection that owns every read and write.
 //! - `metrics`: Prometheus series, defined once, served at `/metrics`.
 //! - `shutdown`: OS signals and the drain of open connections.

@@ -81,6 +81,10 @@ pub(crate) enum HandshakeResult {
     AddressFull,
     /// 503: draining.
     Draining,
+    /// 400: a test control with a bad value.
+    BadControl,
+    /// Refused with the status the `status` control asked for.
+    StatusControl,
 }
 
 /// Which limit dropped or refused something.
@@ -108,6 +112,8 @@ pub(crate) enum Limit {
     ConnectionsPerIp,
     /// The origin policy (403).
     Origin,
+    /// `--max-connection-duration` (1000).
+    ConnectionDuration,
 }
 
 /// Label values in Prometheus' lower-case style.
@@ -159,6 +165,8 @@ impl Label for HandshakeResult {
             Self::ServerFull => "server_full",
             Self::AddressFull => "address_full",
             Self::Draining => "draining",
+            Self::BadControl => "bad_control",
+            Self::StatusControl => "status_control",
         }
     }
 }
@@ -177,6 +185,7 @@ impl Label for Limit {
             Self::Connections => "connections",
             Self::ConnectionsPerIp => "connections_per_ip",
             Self::Origin => "origin",
+            Self::ConnectionDuration => "connection_duration",
         }
     }
 }
@@ -210,6 +219,11 @@ struct LimitLabels {
     limit: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ControlLabels {
+    control: &'static str,
+}
+
 /// Counter handles for one direction and type, resolved once.
 #[derive(Clone, Debug)]
 pub(crate) struct MessageCounters {
@@ -240,6 +254,7 @@ pub(crate) struct Metrics {
     deflate_message_bytes: Family<DirectionLabels, Counter>,
     deflate_wire_bytes: Family<DirectionLabels, Counter>,
     limit_drops: Family<LimitLabels, Counter>,
+    controls: Family<ControlLabels, Counter>,
 }
 
 impl Metrics {
@@ -315,8 +330,15 @@ impl Metrics {
             "Connections or handshakes refused or closed by a limit",
             limit_drops.clone(),
         );
+        let controls = Family::default();
+        registry.register(
+            "controls",
+            "WebSockets opened with each test control (the query string of the URL)",
+            controls.clone(),
+        );
         Self {
             registry,
+            controls,
             connections_open,
             handshakes,
             messages,
@@ -338,6 +360,13 @@ impl Metrics {
             .get_or_create(&HandshakeLabels {
                 result: result.label(),
             })
+            .inc();
+    }
+
+    /// Counts a WebSocket opened with the test control `name`.
+    pub(crate) fn control_used(&self, name: &'static str) {
+        self.controls
+            .get_or_create(&ControlLabels { control: name })
             .inc();
     }
 

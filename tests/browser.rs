@@ -132,6 +132,73 @@ async fn browser_negotiates_deflate_and_echoes_one_mib_text() -> Result<()> {
     server.stop().await
 }
 
+/// Sets the test-controls builder the way a person would: fragment 3 and hello, then
+/// Connect. Each builder input writes its own parameter into the Query field when told
+/// of an edit, so the value is announced with an `input` event.
+const CONNECT_WITH_FRAGMENT_AND_HELLO: &str = r#"(() => {
+    const fragment = document.getElementById("ctl-fragment");
+    fragment.value = "3";
+    fragment.dispatchEvent(new Event("input", { bubbles: true }));
+    const hello = document.getElementById("hello");
+    if (!hello.checked) hello.click();
+    document.getElementById("connect").click();
+})()"#;
+
+/// True once the page's current socket is the one Connect opened and it is open. The
+/// socket from the page load stays `window.wsEcho.socket` until it has closed.
+const CONTROLLED_SOCKET_OPEN: &str = r#"(() => {
+    const socket = window.wsEcho.socket;
+    return socket !== null && socket.readyState === WebSocket.OPEN
+        && new URL(socket.url).searchParams.get("fragment") === "3";
+})()"#;
+
+/// True once "abcdefgh" came back whole (the server sent it as frames of 3, 3 and 2
+/// bytes) as a received entry of 8 bytes, not flagged as differing from what was sent.
+const ABCDEFGH_ECHOED: &str = r#"Array.from(document.querySelectorAll('#log li[data-dir="in"]'))
+    .some((entry) => entry.querySelector(".data").textContent === "abcdefgh"
+        && entry.dataset.bytes === "8"
+        && !entry.querySelector(".meta").classList.contains("mismatch"))"#;
+
+/// True once the greeting's "controls" field is shown in the handshake panel.
+const FRAGMENT_IN_EFFECT: &str =
+    r#"document.getElementById("handshake-controls").textContent.includes("fragment=3")"#;
+
+/// The page's builder reaches the server: Connect opens `/ws?fragment=3&hello=1`, the
+/// fragmented echo arrives whole, and the greeting reports the control in effect.
+#[tokio::test]
+async fn page_connects_with_test_controls_from_its_builder() -> Result<()> {
+    if !chromium_or_skip() {
+        return Ok(());
+    }
+    let server = Server::start().await?;
+    let browser = Browser::launch(&[]).await?;
+    let mut page = browser.open_page().await?;
+
+    page.navigate(&format!("http://{}/", server.addr)).await?;
+    // The socket of the page load first, so that Connect replaces an open socket.
+    page.wait_until(SOCKET_OPEN).await?;
+
+    page.evaluate(CONNECT_WITH_FRAGMENT_AND_HELLO).await?;
+    let query = page
+        .evaluate(r#"document.getElementById("query").value"#)
+        .await?;
+    assert_eq!(query, json!("fragment=3&hello=1"));
+    page.wait_until(CONTROLLED_SOCKET_OPEN).await?;
+    let socket_url = page.evaluate("window.wsEcho.socket.url").await?;
+    assert_eq!(
+        socket_url,
+        json!(format!("ws://{}/ws?fragment=3&hello=1", server.addr))
+    );
+
+    page.evaluate(r#"window.wsEcho.send("abcdefgh")"#).await?;
+    page.wait_until(ABCDEFGH_ECHOED).await?;
+    page.wait_until(FRAGMENT_IN_EFFECT).await?;
+
+    drop(page);
+    drop(browser);
+    server.stop().await
+}
+
 /// A ws_echo server on an ephemeral loopback port, running in the test's runtime.
 struct Server {
     /// The address the listener was bound to, known before serving starts.

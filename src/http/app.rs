@@ -5,8 +5,9 @@ use std::sync::Arc;
 
 use axum::{
     Router,
-    extract::State,
-    http::{HeaderName, HeaderValue, StatusCode},
+    extract::{Request, State},
+    http::{HeaderName, HeaderValue, Method, StatusCode, header},
+    response::{IntoResponse, Response},
     routing::{any, get},
 };
 use tower_http::set_header::SetResponseHeaderLayer;
@@ -15,15 +16,18 @@ use super::{page, state::AppState, upgrade};
 use crate::metrics::{self, Metrics};
 
 /// All routes. `/ws` takes any method: HTTP/1.1 upgrades arrive as GET and HTTP/2 ones
-/// (RFC 8441) as CONNECT, and the handler answers other methods with 405.
+/// (RFC 8441) as CONNECT, and the handler answers other methods with 405. `/` serves
+/// the page, and upgrades a WebSocket handshake too: clients pointed at the root, as
+/// people do with public echo services, work.
 pub(crate) fn router(state: AppState) -> Router {
     let served_by = HeaderValue::from_str(&state.settings.instance_name)
         .expect("invariant: Config::into_settings checked the instance name");
     let metrics_here = state.settings.metrics_addr.is_none();
     let metrics = Arc::clone(&state.metrics);
     let router = Router::new()
-        .route("/", get(page::index))
+        .route("/", any(root))
         .route("/ws", any(upgrade::upgrade))
+        .route("/controls", get(controls))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz));
     let router = if metrics_here {
@@ -46,6 +50,33 @@ pub(crate) fn metrics_router(metrics: Arc<Metrics>) -> Router {
 
 /// The response header that names the instance that answered.
 pub(crate) const SERVED_BY: HeaderName = HeaderName::from_static("x-served-by");
+
+/// `/`: a WebSocket handshake (an `Upgrade` header, or HTTP/2's CONNECT) upgrades as on
+/// `/ws`; GET and HEAD get the page; other methods 405.
+async fn root(state: State<AppState>, request: Request) -> Response {
+    if request.method() == Method::CONNECT || request.headers().contains_key(header::UPGRADE) {
+        return upgrade::upgrade(state, request).await;
+    }
+    match *request.method() {
+        Method::GET | Method::HEAD => page::index().await.into_response(),
+        _ => (
+            StatusCode::METHOD_NOT_ALLOWED,
+            [(header::ALLOW, "GET, HEAD")],
+            "use GET\n",
+        )
+            .into_response(),
+    }
+}
+
+/// `GET /controls`: the test controls a client may put in the WebSocket URL, their
+/// ranges and the operator's ceilings, as JSON.
+async fn controls(State(state): State<AppState>) -> impl IntoResponse {
+    let description = crate::ws::controls::describe(state.echo.ceilings());
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        format!("{description:#}\n"),
+    )
+}
 
 /// `GET /healthz`: the process is alive and serving HTTP.
 async fn healthz() -> &'static str {

@@ -29,6 +29,7 @@ pub(crate) fn message(
     accepted: &Accepted,
     connection_id: u64,
     instance: &str,
+    controls: (&str, bool),
 ) -> String {
     let headers: Vec<Value> = request
         .headers()
@@ -51,6 +52,8 @@ pub(crate) fn message(
         "subprotocol": accepted.subprotocol,
         "extensions": accepted.extensions.as_ref().map(|agreed| &agreed.response),
         "tls": tls,
+        "controls": controls.0,
+        "controls_enabled": controls.1,
     })
     .to_string()
 }

@@ -1,10 +1,11 @@
-//! `GET /ws`: checks the upgrade, answers it, and runs the connection in a task of its
+//! `GET /ws` (and a WebSocket handshake to `/`): checks the upgrade and the test
+//! controls in its query string, answers it, and runs the connection in a task of its
 //! own: the protocol core (`ws::connection`) driven by `ws::driver` with the echo
 //! policy (`ws::echo`), one span and one closing log line per connection.
 
 use axum::{
     extract::{Request, State},
-    http::{StatusCode, header},
+    http::{HeaderName, HeaderValue, StatusCode, Version, header},
     response::{IntoResponse, Response},
 };
 use std::sync::Arc;
@@ -12,6 +13,7 @@ use std::sync::Arc;
 use hyper_util::{rt::TokioIo, server::conn::auto};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
+use tokio_rustls::server::TlsStream;
 use tracing::{Instrument, Span, debug, info, info_span, warn};
 
 use super::{
@@ -24,13 +26,28 @@ use crate::{
     metrics::{HandshakeResult, Limit, Side},
     ws::{
         connection::{Kind, Receiver, Sender},
+        controlled::Controlled,
+        controls::{Controls, Fault},
         deflate::Params,
-        driver::{Driver, Ending, Transport},
+        driver::{Driver, Ending, Rules, Transport},
         echo::Echo,
         handshake,
         outbox::Payload,
     },
 };
+
+/// The response header that lists the test controls in effect.
+pub(crate) const CONTROLS_HEADER: HeaderName = HeaderName::from_static("x-ws-echo-controls");
+
+/// The subprotocol the `unrequested-subprotocol` fault selects.
+const UNREQUESTED_SUBPROTOCOL: &str = "ws-echo-unrequested";
+
+/// The test controls of one connection and their normalised summary (for the header,
+/// the greeting and the log). Boxed: most connections have none.
+struct Asked {
+    controls: Controls,
+    summary: String,
+}
 
 /// `GET /ws` (and HTTP/2 `CONNECT /ws`): checks the handshake, then hands the upgraded
 /// connection to [`serve`] on the shared task tracker.
@@ -65,6 +82,36 @@ pub(crate) async fn upgrade(State(state): State<AppState>, mut request: Request)
             return rejection.into_response();
         }
     };
+    let controls = match Controls::parse(request.uri().query(), state.echo.ceilings()) {
+        Ok(controls) => controls,
+        Err(bad) => {
+            metrics.handshake(HandshakeResult::BadControl);
+            debug!(peer = ?peer, %bad, "handshake refused: bad test control");
+            return (StatusCode::BAD_REQUEST, format!("{bad}\n")).into_response();
+        }
+    };
+    if let Some(status) = controls.status {
+        metrics.handshake(HandshakeResult::StatusControl);
+        metrics.control_used("status");
+        let status = StatusCode::from_u16(status)
+            .expect("invariant: Controls::parse keeps status within 400-599");
+        return (
+            status,
+            format!(
+                "refused with {} on request (status control)\n",
+                status.as_u16()
+            ),
+        )
+            .into_response();
+    }
+    if controls.fault == Some(Fault::BadAccept) && request.version() != Version::HTTP_11 {
+        metrics.handshake(HandshakeResult::BadControl);
+        return (
+            StatusCode::BAD_REQUEST,
+            "fault: bad-accept needs HTTP/1.1 (an HTTP/2 WebSocket has no Sec-WebSocket-Accept)\n",
+        )
+            .into_response();
+    }
     if state.shutdown.is_cancelled() {
         metrics.handshake(HandshakeResult::Draining);
         return (
@@ -105,11 +152,46 @@ pub(crate) async fn upgrade(State(state): State<AppState>, mut request: Request)
     let in_progress = request.extensions().get::<Arc<Slot>>().map(Slot::active);
     let on_upgrade = hyper::upgrade::on(&mut request);
     let mut accepted = accepted;
-    let response = accepted.response();
+    let mut response = accepted.response();
     accepted.forget_accept_key();
+    let asked = (!controls.is_empty()).then(|| {
+        let summary = controls.summary();
+        for name in controls.names() {
+            metrics.control_used(name);
+        }
+        if let Ok(value) = HeaderValue::from_str(&summary) {
+            response.headers_mut().insert(CONTROLS_HEADER, value);
+        }
+        match controls.fault {
+            Some(Fault::BadAccept) => {
+                // Base64 of twenty zero bytes: never the SHA-1 of a key and the GUID.
+                let wrong = HeaderValue::from_static("AAAAAAAAAAAAAAAAAAAAAAAAAAA=");
+                response
+                    .headers_mut()
+                    .insert(header::SEC_WEBSOCKET_ACCEPT, wrong);
+            }
+            Some(Fault::UnrequestedSubprotocol) => {
+                let unrequested = HeaderValue::from_static(UNREQUESTED_SUBPROTOCOL);
+                response
+                    .headers_mut()
+                    .insert(header::SEC_WEBSOCKET_PROTOCOL, unrequested);
+            }
+            _ => {}
+        }
+        Box::new(Asked { controls, summary })
+    });
     let id = state.echo.next_id();
-    let greeting = hello::requested(request.uri().query())
-        .then(|| hello::message(&request, peer, &accepted, id, &state.settings.instance_name));
+    let greeting = hello::requested(request.uri().query()).then(|| {
+        let summary = asked.as_ref().map_or("", |asked| asked.summary.as_str());
+        hello::message(
+            &request,
+            peer,
+            &accepted,
+            id,
+            &state.settings.instance_name,
+            (summary, state.settings.controls),
+        )
+    });
     let span = info_span!("ws", id, peer = %peer.map_or_else(|| "-".into(), |p| p.to_string()), http_version = ?request.version());
     // One async fn is the whole task: an `async` block around a call would keep a
     // second slot for every value it moves in, per idle connection.
@@ -123,7 +205,7 @@ pub(crate) async fn upgrade(State(state): State<AppState>, mut request: Request)
         state.tracker.spawn(
             serve(
                 on_upgrade,
-                accepted,
+                (accepted, asked),
                 greeting,
                 state.clone(),
                 (admission, in_progress),
@@ -134,7 +216,7 @@ pub(crate) async fn upgrade(State(state): State<AppState>, mut request: Request)
     } else {
         state.tracker.spawn(serve(
             on_upgrade,
-            accepted,
+            (accepted, asked),
             greeting,
             state.clone(),
             (admission, in_progress),
@@ -148,7 +230,7 @@ pub(crate) async fn upgrade(State(state): State<AppState>, mut request: Request)
 /// `span`, which is `Span::none()` when the whole task runs in the connection's span.
 async fn serve(
     on_upgrade: hyper::upgrade::OnUpgrade,
-    accepted: handshake::Accepted,
+    (accepted, asked): (handshake::Accepted, Option<Box<Asked>>),
     greeting: Option<String>,
     state: AppState,
     places: (Admission, Option<Active>),
@@ -176,39 +258,50 @@ async fn serve(
     span.in_scope(|| {
         info!(
             subprotocol = subprotocol.as_deref().unwrap_or("-"),
-            compressed, "connection opened"
+            compressed,
+            controls = asked.as_ref().map_or("-", |asked| asked.summary.as_str()),
+            "connection opened"
         );
     });
     state.metrics.connections_open.inc();
     let mut echo = Echo::new(&state.counters, compressed);
+    // The connection's own rules when a control changes them (`ping`, `read_rate`).
+    let mut rules = None;
+    if let Some(asked) = asked.filter(|asked| asked.controls.shape_the_connection()) {
+        let controls = asked.controls;
+        rules = Some(Box::new(
+            state
+                .echo
+                .rules()
+                .with_controls(controls.ping, controls.read_rate),
+        ));
+        echo = echo.with_controls(Controlled::new(
+            controls,
+            compressed,
+            Instant::now(),
+            id_seed(),
+        ));
+    }
+    let rules = rules.as_deref().unwrap_or(state.echo.rules());
     // A plain TCP connection (HTTP/1.1) is driven on the socket itself, without the
     // two rewind layers and the trait object that hyper and hyper-util wrap an upgraded
-    // stream in: echo_load W1, ~400 fewer instructions per echo. TLS and HTTP/2
-    // streams, and the in-memory streams of tests, keep the wrapper.
+    // stream in: echo_load W1, ~400 fewer instructions per echo. So is HTTP/1.1 over
+    // TLS, on its TLS stream. HTTP/2 streams keep the wrapper.
+    let setup = Setup {
+        state: &state,
+        rules,
+        deflate,
+        greeting,
+        echo: &mut echo,
+    };
     let ending = match auto::upgrade::downcast::<TokioIo<TcpStream>>(upgraded) {
-        Ok(parts) => {
-            let early = parts.read_buf;
-            drive(
-                parts.io.into_inner(),
-                &early,
-                &state,
-                deflate,
-                greeting,
-                &mut echo,
-            )
-            .await
-        }
-        Err(upgraded) => {
-            drive(
-                TokioIo::new(upgraded),
-                &[],
-                &state,
-                deflate,
-                greeting,
-                &mut echo,
-            )
-            .await
-        }
+        Ok(parts) => drive(parts.io.into_inner(), &parts.read_buf, setup).await,
+        // HTTP/1.1 on the TLS port: driven on the TLS stream itself, which knows its
+        // socket (a client that leaves while waiting is noticed; `drop` resets).
+        Err(upgraded) => match auto::upgrade::downcast::<TokioIo<TlsStream<TcpStream>>>(upgraded) {
+            Ok(parts) => drive(parts.io.into_inner(), &parts.read_buf, setup).await,
+            Err(upgraded) => drive(TokioIo::new(upgraded), &[], setup).await,
+        },
     };
     state.metrics.connections_open.dec();
     let stats = std::mem::take(&mut echo.stats);
@@ -217,7 +310,7 @@ async fn serve(
     let subprotocol = subprotocol.as_deref().unwrap_or("-");
     let (code, how, detail) = match &ending {
         Ending::ClientClosed(code) => (*code, "client closed", String::new()),
-        Ending::ServerClosed(code, reason, _) => (*code, "server closed", (*reason).to_owned()),
+        Ending::ServerClosed(code, reason, _) => (*code, "server closed", reason.to_string()),
         Ending::ProtocolError(violation) => (
             violation.close_code(),
             "protocol error",
@@ -254,16 +347,26 @@ async fn serve(
     });
 }
 
-/// Runs the connection on `io` with the echo policy; `early` holds what the client sent
-/// right after its handshake, read before the upgrade completed.
-async fn drive<S: Transport>(
-    io: S,
-    early: &[u8],
-    state: &AppState,
+/// What [`drive`] runs a connection with, whatever its stream.
+struct Setup<'s, 'e, 'c> {
+    state: &'s AppState,
+    /// The shared rules, or the connection's own when a control changes them.
+    rules: &'s Rules,
     deflate: Option<Params>,
     greeting: Option<String>,
-    echo: &mut Echo<'_>,
-) -> Ending {
+    echo: &'e mut Echo<'c>,
+}
+
+/// Runs the connection on `io` with the echo policy; `early` holds what the client sent
+/// right after its handshake, read before the upgrade completed.
+async fn drive<S: Transport>(io: S, early: &[u8], setup: Setup<'_, '_, '_>) -> Ending {
+    let Setup {
+        state,
+        rules,
+        deflate,
+        greeting,
+        echo,
+    } = setup;
     let config = &state.echo;
     let mut driver = Driver::new(
         io,
@@ -271,7 +374,7 @@ async fn drive<S: Transport>(
         deflate.is_some().then_some(&state.counters.deflate_wire),
         Receiver::new(config.limits(), deflate),
         Sender::new(deflate),
-        config.rules(),
+        rules,
         &state.budget,
     );
     // The greeting, when asked for, goes out before any echo.
@@ -283,4 +386,12 @@ async fn drive<S: Transport>(
         driver.receive_early(early, echo);
     }
     driver.run(echo, &state.shutdown).await
+}
+
+/// A seed for a connection's jitter: the clock's nanoseconds, different enough between
+/// connections for delays that only need to look random.
+fn id_seed() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |elapsed| elapsed.as_nanos() as u64)
 }

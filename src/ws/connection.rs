@@ -628,6 +628,18 @@ impl Sender {
         encode_slow(kind, payload, max_frame, compress.as_ref(), out);
     }
 
+    /// Queues frames encoded elsewhere (the `fault` control's deliberate violations);
+    /// `closes` when they include our Close. Returns `false`, queuing nothing, after
+    /// our Close.
+    pub(crate) fn raw(&mut self, frames: &[u8], closes: bool, out: &mut Outbox) -> bool {
+        if self.closed {
+            return false;
+        }
+        self.closed = closes;
+        out.push_raw(frames);
+        true
+    }
+
     /// Queues a Ping.
     pub(crate) fn ping(&mut self, payload: &[u8], out: &mut Outbox) {
         if !self.closed {

@@ -10,10 +10,13 @@ use tracing::debug;
 use super::{
     close::Violation,
     connection::{Handler, Kind, Limits, Sender},
-    driver::{News, Policy, Rules},
+    controlled::{self, Controlled},
+    controls::Ceilings,
+    driver::{News, Policy, Rules, Schedule},
     outbox::{Outbox, Payload},
 };
 use crate::{config::Settings, metrics::EchoCounters};
+use tokio::time::Instant;
 
 /// Longest text payload shown in a debug log line; longer ones are shortened.
 const LOGGED_TEXT_CHARS: usize = 64;
@@ -25,6 +28,8 @@ pub(crate) struct EchoConfig {
     limits: Limits,
     /// The driver's deadlines and caps.
     rules: Rules,
+    /// What test controls may ask.
+    ceilings: Ceilings,
     /// Connection ids for logs, counted from 1.
     next_id: AtomicU64,
 }
@@ -38,8 +43,20 @@ impl EchoConfig {
                 max_message: settings.max_message_size,
             },
             rules: Rules::new(settings),
+            ceilings: Ceilings {
+                enabled: settings.controls,
+                max_delay: settings.max_delay,
+                max_stream_bytes: settings.max_stream_bytes,
+                max_message: settings.max_message_size,
+                max_connection_duration: settings.max_connection_duration,
+            },
             next_id: AtomicU64::new(1),
         }
+    }
+
+    /// What test controls may ask.
+    pub(crate) fn ceilings(&self) -> &Ceilings {
+        &self.ceilings
     }
 
     /// The receiver's size limits.
@@ -81,6 +98,9 @@ pub(crate) struct Echo<'a> {
     pub(crate) stats: Stats,
     unpublished: Unpublished,
     news: News,
+    /// The test controls the client asked for; `None` for a plain echo (boxed: most
+    /// connections have none, and every task carries this struct).
+    controlled: Option<Box<Controlled>>,
 }
 
 impl<'a> Echo<'a> {
@@ -92,7 +112,16 @@ impl<'a> Echo<'a> {
             stats: Stats::default(),
             unpublished: Unpublished::default(),
             news: News::default(),
+            controlled: None,
         }
+    }
+
+    /// The policy of a connection with test controls.
+    pub(crate) fn with_controls(mut self, controlled: Controlled) -> Self {
+        self.controlled = Some(Box::new(controlled));
+        // The driver asks for the schedule from the start (a stream, a close at once).
+        self.news.controlled = true;
+        self
     }
 }
 
@@ -123,6 +152,34 @@ impl Policy for Echo<'_> {
     fn publish(&mut self) {
         self.unpublished.publish(self.counters, self.compressed);
     }
+
+    fn schedule(&mut self) -> Schedule {
+        match self.controlled.as_deref_mut() {
+            Some(controlled) => Schedule {
+                held: controlled.held(),
+                due: controlled.next_due(),
+                action: controlled.take_action(),
+            },
+            None => Schedule::default(),
+        }
+    }
+
+    #[inline]
+    fn stream_need(&self) -> Option<usize> {
+        self.controlled.as_ref()?.stream_need()
+    }
+
+    fn send_due(&mut self, now: Instant, room: usize, sender: &mut Sender, outbox: &mut Outbox) {
+        if let Some(controlled) = self.controlled.as_deref_mut() {
+            controlled.send_due(now, room, sender, outbox, &mut self.news);
+        }
+    }
+
+    fn flush(&mut self, sender: &mut Sender, outbox: &mut Outbox) {
+        if let Some(controlled) = self.controlled.as_deref_mut() {
+            controlled.flush(sender, outbox, &mut self.news);
+        }
+    }
 }
 
 /// The echo policy answering one batch of input.
@@ -146,13 +203,24 @@ impl Handler for Replies<'_, '_> {
         if tracing::enabled!(tracing::Level::DEBUG) {
             log_message(kind, &payload.to_plain());
         }
+        if let Some(controlled) = self.echo.controlled.as_deref_mut() {
+            controlled.message(kind, payload, self.sender, self.outbox, &mut self.echo.news);
+            return;
+        }
         // The echo is one frame; a large payload is written from the buffer it was
         // received in, not copied.
         self.sender.message(kind, payload, self.outbox);
     }
 
     fn ping(&mut self, payload: &[u8]) {
-        self.sender.pong(payload, self.outbox);
+        if self
+            .echo
+            .controlled
+            .as_ref()
+            .is_none_or(|controlled| controlled.answers_pings())
+        {
+            self.sender.pong(payload, self.outbox);
+        }
     }
 
     fn pong(&mut self, payload: &[u8]) {
@@ -162,10 +230,15 @@ impl Handler for Replies<'_, '_> {
     }
 
     fn close(&mut self, close: Option<(u16, &str)>) {
-        self.echo.news.peer_closed = Some(close.map_or(1005, |(code, _)| code));
+        if let Some(controlled) = self.echo.controlled.as_deref_mut() {
+            if controlled.defer_close(close) {
+                // Delayed echoes wait: the answer follows them.
+                self.echo.news.controlled = true;
+                return;
+            }
+        }
         // The same Close back (§5.5.1), behind every echo already queued.
-        let (code, reason) = close.map_or((None, ""), |(code, reason)| (Some(code), reason));
-        self.sender.close(code, reason, self.outbox);
+        controlled::answer_close(close, self.sender, self.outbox, &mut self.echo.news);
     }
 
     fn violation(&mut self, violation: Violation) {
@@ -175,6 +248,10 @@ impl Handler for Replies<'_, '_> {
             "closing on a protocol violation"
         );
         self.echo.news.violation.get_or_insert(violation);
+        // Echoes held for later go out before the Close.
+        if let Some(controlled) = self.echo.controlled.as_deref_mut() {
+            controlled.flush(self.sender, self.outbox, &mut self.echo.news);
+        }
         self.sender.close(
             Some(violation.close_code()),
             violation.reason(),

@@ -134,7 +134,7 @@ pub(crate) fn parse(bytes: &[u8], deflate: bool) -> Result<Option<(Header, usize
 
 /// Appends an unmasked server frame header to `out`, with the length in its shortest
 /// form (§5.2).
-#[inline]
+#[inline(always)]
 pub(crate) fn encode_header(out: &mut Vec<u8>, fin: bool, rsv1: bool, opcode: OpCode, len: usize) {
     let first = (u8::from(fin) << 7) | (u8::from(rsv1) << 6) | opcode as u8;
     match len {

@@ -1,10 +1,13 @@
 //! The WebSocket protocol, ours from the frame up: a sans-IO core (`frame`, `close`,
 //! `utf8`, `deflate`, `connection`, `outbox`) that turns bytes into events and frames
-//! into bytes, the echo policy that answers events (`echo`), and the one I/O driver per
-//! connection that owns every read and write (`driver`).
+//! into bytes, the echo policy that answers events (`echo`; under the test controls of
+//! the URL, `controls` and `controlled`), and the one I/O driver per connection that
+//! owns every read and write (`driver`).
 
 pub(crate) mod close;
 pub(crate) mod connection;
+pub(crate) mod controlled;
+pub(crate) mod controls;
 pub(crate) mod deflate;
 pub(crate) mod driver;
 pub(crate) mod echo;

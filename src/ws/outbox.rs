@@ -86,6 +86,13 @@ impl Outbox {
         self.len
     }
 
+    /// Bytes the outbox keeps allocated for what is unwritten: the unwritten bytes, and
+    /// the written part of buffers that are not yet given back (a large payload is
+    /// freed only once all of it is written). What the read budget is charged for.
+    pub(crate) fn held(&self) -> usize {
+        self.len + self.written + self.large_written
+    }
+
     /// Whether everything was written.
     pub(crate) fn is_empty(&self) -> bool {
         self.len == 0
@@ -127,6 +134,15 @@ impl Outbox {
             Payload::Slice(bytes) => self.buf.extend_from_slice(bytes),
             Payload::Owned(buffer) => self.buf.extend_from_slice(buffer),
         }
+    }
+
+    /// Appends bytes that are already whole frames.
+    pub(crate) fn push_raw(&mut self, frames: &[u8]) {
+        if self.buf.capacity() == 0 {
+            self.buf = SPARE.take();
+        }
+        self.buf.extend_from_slice(frames);
+        self.len += frames.len();
     }
 
     /// The unwritten bytes when they are all in one buffer (no large payload waits):

@@ -409,6 +409,7 @@ async fn assert_memory_bounded(bulk: Bulk) {
 /// under the bound derived from the caps, and other clients keep getting echoes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thousand_non_reading_clients_keep_server_memory_bounded() {
+    let _heavy = crate::support::heavy().await;
     assert_memory_bounded(Bulk::CompleteNeverRead).await;
 }
 
@@ -418,5 +419,6 @@ async fn thousand_non_reading_clients_keep_server_memory_bounded() {
 /// bounded, the other clients' sockets simply stop being read.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thousand_unfinished_messages_are_bounded_by_the_read_budget() {
+    let _heavy = crate::support::heavy().await;
     assert_memory_bounded(Bulk::UnfinishedMessage).await;
 }

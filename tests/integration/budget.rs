@@ -109,6 +109,7 @@ fn assert_bounded(what: &str, baseline: u64, peak: u64, budget: u64, clients: u6
 /// reading does. (Measured: with the inflation room unbounded this test fails.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compressed_uploads_are_charged_as_they_inflate() {
+    let _heavy = crate::support::heavy().await;
     const CLIENTS: u64 = 40;
     const BUDGET: u64 = 16 * MIB;
     let server = ServerProcess::start(&[
@@ -163,6 +164,7 @@ async fn compressed_uploads_are_charged_as_they_inflate() {
 /// bounded throughout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_that_never_read_are_all_closed_even_when_waiting_for_budget() {
+    let _heavy = crate::support::heavy().await;
     const CLIENTS: u64 = 200;
     const BUDGET: u64 = 16 * MIB;
     let server = ServerProcess::start(&[
@@ -260,13 +262,14 @@ async fn twenty_holders(
 /// holders past their share give way at the message timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn held_fragments_do_not_freeze_other_clients_messages() {
+    let _heavy = crate::support::heavy().await;
     let (server, holders) = twenty_holders(
         64 * MIB,
         &["--message-timeout", "1s", "--close-timeout", "1s"],
     )
     .await;
     // The budget is spent: connections wait for it.
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + Duration::from_secs(15);
     while metric(&server, "ws_echo_budget_waits_total").await == 0.0 {
         assert!(
             Instant::now() < deadline,
@@ -296,6 +299,7 @@ async fn held_fragments_do_not_freeze_other_clients_messages() {
 /// zero within 2 s, and no socket is left in CLOSE-WAIT.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_that_leave_while_waiting_for_budget_are_noticed_at_once() {
+    let _heavy = crate::support::heavy().await;
     let (server, holders) = twenty_holders(
         16 * MIB,
         &["--message-timeout", "0s", "--stall-timeout", "0s"],
@@ -366,6 +370,7 @@ async fn an_idle_http2_connection_is_closed() {
 /// less 128) keeps descriptors free: past it, a new client gets 503 with Retry-After.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn past_the_tcp_cap_a_client_gets_503_not_silence() {
+    let _heavy = crate::support::heavy().await;
     let server = {
         let inner = ServerProcess::command(&[], &[]);
         let mut command = std::process::Command::new("sh");
@@ -413,4 +418,100 @@ async fn metric_after_freeing(server: &ServerProcess, idle: &mut Vec<TcpStream>)
         "ws_echo_limit_drops_total{limit=\"tcp_connections\"}",
     )
     .await
+}
+
+/// Opens `count` WebSockets at `target` whose clients never read, each with a small
+/// receive buffer; the test process needs as many descriptors.
+async fn non_readers_at(server: &ServerProcess, target: &str, count: u64) -> Vec<TcpStream> {
+    ws_echo::raise_open_file_limit().expect("raise the open-file limit");
+    let mut clients = Vec::new();
+    for _ in 0..count {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .set_recv_buffer_size(4096)
+            .expect("small receive buffer");
+        let stream = socket.connect(addr(server)).await.expect("connect");
+        let (client, head) = crate::support::raw_handshake_to(stream, target, "").await;
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        clients.push(client.stream);
+    }
+    clients
+}
+
+/// The `stream` control to 1,000 clients that never read: each stream message is
+/// charged to the budget before it is made, so the streams wait for it (and for their
+/// clients) instead of each holding a message of its own. Made without the budget,
+/// 1,000 messages of 1 MiB would hold a GiB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_to_clients_that_never_read_stay_within_the_budget() {
+    let _heavy = crate::support::heavy().await;
+    const CLIENTS: u64 = 1000;
+    const BUDGET: u64 = 32 * MIB;
+    let server = ServerProcess::start(&[
+        "--buffer-budget",
+        &BUDGET.to_string(),
+        "--ping-interval",
+        "0s",
+    ]);
+    let baseline = server.rss();
+    let clients = non_readers_at(&server, "/ws?stream=64&size=1048576", CLIENTS).await;
+    let peak = peak_rss(&server, Duration::from_secs(3)).await;
+    assert!(metric(&server, "ws_echo_budget_waits_total").await > 0.0);
+    assert_eq!(
+        metric(&server, "ws_echo_controls_total{control=\"stream\"}").await,
+        CLIENTS as f64
+    );
+    drop(clients);
+    assert_bounded("streams to non-readers", baseline, peak, BUDGET, CLIENTS);
+}
+
+/// `delay=30s` on 1,000 connections, each with one 256 KiB message: what the server
+/// holds is the echoes themselves (taken from the receive buffer, not copied), plus
+/// what any open connection costs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delayed_echoes_hold_no_more_than_the_echoes() {
+    let _heavy = crate::support::heavy().await;
+    const CLIENTS: u64 = 1000;
+    const SIZE: u64 = 256 * 1024;
+    let server = ServerProcess::start(&["--ping-interval", "0s"]);
+    let baseline = server.rss();
+    let mut clients = non_readers_at(&server, "/ws?delay=30s", CLIENTS).await;
+    let frame = encode_frame(true, false, 0x2, &vec![b'd'; SIZE as usize], true);
+    for client in &mut clients {
+        client.write_all(&frame).await.expect("send");
+    }
+    let received = "ws_echo_messages_total{direction=\"in\",type=\"binary\"}";
+    let started = Instant::now();
+    while metric(&server, received).await < CLIENTS as f64 {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "all messages read in time"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let peak = peak_rss(&server, Duration::from_secs(1)).await;
+    // None is echoed yet.
+    let sent = "ws_echo_messages_total{direction=\"out\",type=\"binary\"}";
+    assert_eq!(
+        metric(&server, sent).await,
+        CLIENTS as f64,
+        "counted when accepted"
+    );
+    let echoes = CLIENTS * SIZE;
+    // The echoes, a quarter more for the allocator, and 32 KiB per connection.
+    let bound = baseline + echoes + echoes / 4 + CLIENTS * 32 * 1024 + SLACK;
+    eprintln!(
+        "delayed echoes: RSS baseline {} MiB, peak {} MiB, echoes {} MiB, bound {} MiB",
+        baseline / MIB,
+        peak / MIB,
+        echoes / MIB,
+        bound / MIB
+    );
+    assert!(
+        peak < bound,
+        "RSS {} MiB over {} MiB",
+        peak / MIB,
+        bound / MIB
+    );
+    drop(clients);
 }

@@ -84,9 +84,20 @@ async fn extended_connect(
     protocol: &'static str,
     headers: &[(&str, &str)],
 ) -> Response<Incoming> {
+    extended_connect_to(sender, scheme, "/ws", protocol, headers).await
+}
+
+/// Sends `CONNECT target` (path and query) with `:protocol` set to `protocol`.
+async fn extended_connect_to(
+    sender: &mut Sender,
+    scheme: &str,
+    target: &str,
+    protocol: &'static str,
+    headers: &[(&str, &str)],
+) -> Response<Incoming> {
     let mut request = Request::builder()
         .method(Method::CONNECT)
-        .uri(format!("{scheme}://localhost/ws"))
+        .uri(format!("{scheme}://localhost{target}"))
         .extension(Protocol::from_static(protocol));
     for (name, value) in headers {
         request = request.header(*name, *value);
@@ -221,4 +232,126 @@ async fn extended_connect_without_version_13_is_426() {
     )
     .await;
     assert_eq!(response.status(), StatusCode::UPGRADE_REQUIRED);
+}
+
+/// A raw WebSocket over an h2c extended CONNECT to `/ws?QUERY`, with the response's
+/// `x-ws-echo-controls` header.
+async fn h2c_raw(sender: &mut Sender, query: &str) -> (RawClient<TokioIo<Upgraded>>, String) {
+    let target = format!("/ws?{query}");
+    let response = extended_connect_to(sender, "http", &target, "websocket", &[VERSION]).await;
+    let controls = response.headers()["x-ws-echo-controls"]
+        .to_str()
+        .expect("ASCII")
+        .to_owned();
+    (RawClient::new(upgraded(response).await), controls)
+}
+
+#[tokio::test]
+async fn controls_shape_http2_websockets_as_they_do_http1_ones() {
+    let server = TestServer::start().await;
+    let mut sender = h2c(&server).await;
+
+    let (mut client, controls) = h2c_raw(&mut sender, "fragment=2&delay=200ms").await;
+    assert_eq!(controls, "delay=200ms, fragment=2");
+    let sent = Instant::now();
+    client.send(true, 0x1, b"abcde").await;
+    let mut shape = Vec::new();
+    for _ in 0..3 {
+        let frame = client.read_frame().await.expect("a frame");
+        shape.push((frame.fin, frame.opcode, frame.payload));
+    }
+    assert!(
+        sent.elapsed() >= Duration::from_millis(200),
+        "{:?}",
+        sent.elapsed()
+    );
+    assert_eq!(
+        shape,
+        [
+            (false, 0x1, b"ab".to_vec()),
+            (false, 0x0, b"cd".to_vec()),
+            (true, 0x0, b"e".to_vec())
+        ]
+    );
+
+    let (mut client, _) = h2c_raw(&mut sender, "stream=3&size=5").await;
+    for counter in 1..=3 {
+        let frame = client.read_frame().await.expect("a stream message");
+        assert_eq!(frame.payload, format!("{counter} abcdefg").as_bytes()[..5]);
+    }
+
+    let (mut client, _) = h2c_raw(&mut sender, "close=4002&reason=h2").await;
+    let close = client.expect_close().await;
+    assert_eq!(close.close_code(), 4002);
+    assert_eq!(&close.payload[2..], b"h2");
+    client.send(true, 0x8, &4002u16.to_be_bytes()).await;
+    client.expect_eof().await;
+
+    // drop: the stream is reset (RST_STREAM) after the echo, with no Close frame, and
+    // the connection's other streams go on.
+    let (mut dropped, _) = h2c_raw(&mut sender, "drop=1&after=1").await;
+    let mut survivor = websocket(&mut sender, "http").await;
+    dropped.send(true, 0x1, b"bye").await;
+    let echo = dropped
+        .read_frame()
+        .await
+        .expect("the echo before the drop");
+    assert_eq!(echo.payload, b"bye");
+    assert_eq!(
+        dropped.read_frame().await,
+        None,
+        "no Close frame after a drop"
+    );
+    assert_echoes_text_and_binary(&mut survivor).await;
+}
+
+/// The `drop` control on HTTP/2, seen with h2's own client (hyper's reads a reset with
+/// CANCEL as an orderly end): the stream ends with no Close frame. It ends with
+/// END_STREAM, not RST_STREAM: hyper gives an upgraded HTTP/2 stream no way to reset
+/// it (dropping it ends it), which the README says. Should that change, this test
+/// says so.
+#[tokio::test]
+async fn drop_ends_the_http2_stream_without_a_close_frame() {
+    let server = TestServer::start().await;
+    let tcp = TcpStream::connect(server.addr).await.expect("connect");
+    let (client, connection) = h2::client::handshake(tcp).await.expect("HTTP/2 handshake");
+    tokio::spawn(connection);
+    let mut client = client.ready().await.expect("ready");
+    let deadline = Instant::now() + STEP;
+    while !client.is_extended_connect_protocol_enabled() {
+        assert!(
+            Instant::now() < deadline,
+            "no extended CONNECT in the SETTINGS"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let request = Request::builder()
+        .method(Method::CONNECT)
+        .uri("http://localhost/ws?drop=1&after=300ms")
+        .extension(h2::ext::Protocol::from_static("websocket"))
+        .header(VERSION.0, VERSION.1)
+        .body(())
+        .expect("a valid request");
+    let (response, _send) = client.send_request(request, false).expect("send");
+    let response = tokio::time::timeout(STEP, response)
+        .await
+        .expect("response in time")
+        .expect("response");
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut body = response.into_body();
+    let ended = tokio::time::timeout(STEP, async {
+        loop {
+            match body.data().await {
+                // hyper may send an empty DATA frame when the response starts.
+                Some(Ok(data)) if data.is_empty() => continue,
+                other => return other,
+            }
+        }
+    })
+    .await
+    .expect("the stream ends in time");
+    match ended {
+        None => {}
+        other => panic!("expected END_STREAM and no frame, got {other:?}"),
+    }
 }

@@ -8,6 +8,7 @@ mod budget;
 #[path = "../common/chromium.rs"]
 mod chromium;
 mod conformance;
+mod controls;
 mod echo;
 mod environment;
 mod exchange;

@@ -23,6 +23,15 @@ use ws_echo::Settings;
 /// How long any single step of a test may take before the test fails.
 pub const STEP: Duration = Duration::from_secs(10);
 
+/// Tests that load the machine (a thousand connections, RSS bounds, timings under
+/// load) take this first, so that two of them never run at once on CI's two cores.
+static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Waits until no other heavy test runs; the guard ends this one's turn.
+pub async fn heavy() -> tokio::sync::MutexGuard<'static, ()> {
+    HEAVY.lock().await
+}
+
 /// A client connected with tokio-tungstenite.
 pub type Client = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -218,17 +227,27 @@ pub async fn raw_handshake<S>(stream: S, extra: &str) -> (RawClient<S>, String)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    let mut client = RawClient::new(stream);
-    let request = format!(
-        "GET /ws HTTP/1.1\r\nHost: test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{extra}\r\n"
-    );
-    client.send_bytes(request.as_bytes()).await;
-    let head = client.read_head().await;
+    let (client, head) = raw_handshake_to(stream, "/ws", extra).await;
     assert!(
         head.starts_with("HTTP/1.1 101"),
         "expected 101, got: {head}"
     );
+    (client, head)
+}
+
+/// Sends an opening handshake for `target` (path and query) over `stream` with `extra`
+/// request headers and returns the client and the response head, whatever its status.
+pub async fn raw_handshake_to<S>(stream: S, target: &str, extra: &str) -> (RawClient<S>, String)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut client = RawClient::new(stream);
+    let request = format!(
+        "GET {target} HTTP/1.1\r\nHost: test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{extra}\r\n"
+    );
+    client.send_bytes(request.as_bytes()).await;
+    let head = client.read_head().await;
     (client, head)
 }
 

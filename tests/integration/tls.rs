@@ -384,3 +384,24 @@ async fn hello_reports_the_tls_session() {
     assert_eq!(greeting["tls"]["protocol"], "TLSv1_3", "{greeting}");
     assert_eq!(greeting["tls"]["server_name"], "localhost", "{greeting}");
 }
+
+/// `drop` over wss:// resets the TCP connection too: the server drives HTTP/1.1
+/// WebSockets on the TLS stream itself, which reaches its socket.
+#[tokio::test]
+async fn drop_over_wss_resets_the_connection() {
+    let (server, tls) = tls_server(Settings::default()).await;
+    let url = format!("wss://localhost:{}/ws?drop=1&after=1", server.addr.port());
+    let mut client = connect_wss(&url, tls.certificate_der())
+        .await
+        .expect("wss handshake succeeds");
+    assert_echoes(&mut client, Message::text("last")).await;
+    let ended = tokio::time::timeout(STEP, futures_util::StreamExt::next(&mut client))
+        .await
+        .expect("the connection ends in time");
+    match ended {
+        Some(Err(tungstenite::Error::Io(error))) => {
+            assert_eq!(error.kind(), std::io::ErrorKind::ConnectionReset, "{error}");
+        }
+        other => panic!("expected a reset, got {other:?}"),
+    }
+}

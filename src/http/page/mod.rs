@@ -1,6 +1,7 @@
 //! `GET /`: the echo page, compiled into the binary so that it works wherever the
 //! binary goes. The page builds its WebSocket URL from `location` (ws: or wss:, same
-//! host and port, path `/ws`) and loads nothing from elsewhere.
+//! host and port, path `/ws`) and loads nothing from elsewhere but `/controls`, for
+//! its builder of test controls.
 
 use axum::response::Html;
 
