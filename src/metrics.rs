@@ -333,7 +333,7 @@ impl Metrics {
         let controls = Family::default();
         registry.register(
             "controls",
-            "WebSockets opened with each test control (the query string of the URL)",
+            "WebSocket handshakes answered with each test control (the query string of the URL)",
             controls.clone(),
         );
         Self {
@@ -363,7 +363,7 @@ impl Metrics {
             .inc();
     }
 
-    /// Counts a WebSocket opened with the test control `name`.
+    /// Counts a handshake answered with the test control `name`.
     pub(crate) fn control_used(&self, name: &'static str) {
         self.controls
             .get_or_create(&ControlLabels { control: name })

@@ -51,10 +51,18 @@ pub(crate) fn metrics_router(metrics: Arc<Metrics>) -> Router {
 /// The response header that names the instance that answered.
 pub(crate) const SERVED_BY: HeaderName = HeaderName::from_static("x-served-by");
 
-/// `/`: a WebSocket handshake (an `Upgrade` header, or HTTP/2's CONNECT) upgrades as on
+/// `/`: a WebSocket handshake (`Upgrade: websocket`, or HTTP/2's CONNECT) upgrades as on
 /// `/ws`; GET and HEAD get the page; other methods 405.
 async fn root(state: State<AppState>, request: Request) -> Response {
-    if request.method() == Method::CONNECT || request.headers().contains_key(header::UPGRADE) {
+    let websocket = request
+        .headers()
+        .get_all(header::UPGRADE)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .any(|token| token.trim().eq_ignore_ascii_case("websocket"));
+    // Other upgrades (`Upgrade: h2c` from `curl --http2`) get the page.
+    if request.method() == Method::CONNECT || websocket {
         return upgrade::upgrade(state, request).await;
     }
     match *request.method() {

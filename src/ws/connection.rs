@@ -640,6 +640,38 @@ impl Sender {
         true
     }
 
+    /// Prepares a message to be sent in pieces (the `fragment` control): compressed when
+    /// deflate was agreed and it gains from it. Returns RSV1 for its first frame, and
+    /// the bytes to cut into frames.
+    pub(crate) fn prepare(&self, payload: Vec<u8>) -> (bool, Vec<u8>) {
+        if let Some(params) = self
+            .deflate
+            .filter(|params| payload.len() >= params.threshold)
+        {
+            let mut compressed = Vec::new();
+            deflate::deflate_message(&payload, &params, &mut compressed);
+            if compressed.len() < payload.len() {
+                return (true, compressed);
+            }
+        }
+        (false, payload)
+    }
+
+    /// Queues one frame of a message sent in pieces ([`Sender::prepare`]). Nothing is
+    /// queued after our Close.
+    pub(crate) fn piece(
+        &mut self,
+        opcode: OpCode,
+        fin: bool,
+        rsv1: bool,
+        bytes: &[u8],
+        out: &mut Outbox,
+    ) {
+        if !self.closed {
+            out.push_frame(fin, rsv1, opcode, Payload::Slice(bytes));
+        }
+    }
+
     /// Queues a Ping.
     pub(crate) fn ping(&mut self, payload: &[u8], out: &mut Outbox) {
         if !self.closed {

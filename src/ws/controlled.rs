@@ -23,14 +23,32 @@ use super::{
 /// its thread.
 const STREAM_BATCH: u64 = 16;
 
-/// The most a frame header adds to a payload, for the room a stream message needs.
-pub(crate) const MAX_HEADER: usize = 14;
+/// What one waiting entry costs besides its bytes (the queue's slot and the vector's
+/// header), charged with them: 30 s of empty messages, each a few bytes on the wire,
+/// must not grow the queue outside the budget.
+const ENTRY_COST: usize = 64;
+
+/// An echo that `fragment` would cut into more frames than this goes out a turn's
+/// worth at a time, as the client reads ([`PIECES_PER_TURN`]): a 16 MiB echo in 1-byte
+/// frames is 48 MiB encoded, which must not be made ahead of the budget.
+const FRAMES_AT_ONCE: usize = 64;
+
+/// The most one turn encodes of an echo sent in pieces: bytes in the outbox, frames.
+const PIECES_PER_TURN: (usize, usize) = (64 * 1024, 4096);
 
 /// What waits for its time.
 #[derive(Debug)]
 enum Later {
     /// An echo.
     Echo { kind: Kind, bytes: Vec<u8> },
+    /// An echo going out in `fragment`-sized frames, as prepared (compressed) for the
+    /// wire; `sent` bytes of it are framed.
+    Pieces {
+        kind: Kind,
+        rsv1: bool,
+        bytes: Vec<u8>,
+        sent: usize,
+    },
     /// The answer to the peer's Close, which must follow the echoes before it.
     Close(Option<(u16, String)>),
 }
@@ -103,10 +121,11 @@ impl Controlled {
         self.next_stream.is_some()
     }
 
-    /// The room the next stream message needs.
+    /// The room the next stream message needs: its frames as `fragment` cuts them.
     pub(crate) fn stream_need(&self) -> Option<usize> {
         let stream = self.controls.stream.as_ref()?;
-        self.next_stream.map(|_| stream.size + MAX_HEADER)
+        self.next_stream
+            .map(|_| super::controls::encoded_len(stream.size, self.controls.fragment))
     }
 
     /// Whether the server answers the client's pings.
@@ -147,11 +166,8 @@ impl Controlled {
         if let Some((last, _)) = self.pending.back() {
             due = due.max(*last);
         }
-        let bytes = match payload {
-            Payload::Owned(buffer) => std::mem::take(buffer),
-            other => other.to_plain().into_owned(),
-        };
-        self.held += bytes.len();
+        let bytes = take_bytes(payload);
+        self.held += bytes.len() + ENTRY_COST;
         self.pending.push_back((due, Later::Echo { kind, bytes }));
     }
 
@@ -163,6 +179,7 @@ impl Controlled {
         };
         let due = *last;
         let close = close.map(|(code, reason)| (code, reason.to_owned()));
+        self.held += ENTRY_COST;
         self.pending.push_back((due, Later::Close(close)));
         true
     }
@@ -190,10 +207,11 @@ impl Controlled {
         if let (Some(at), Some(stream)) = (self.next_stream, self.controls.stream) {
             let mut batch = 0;
             let mut at = at;
-            while at <= now && batch < STREAM_BATCH && room >= stream.size + MAX_HEADER {
+            let need = self.stream_need().unwrap_or(0);
+            while at <= now && batch < STREAM_BATCH && room >= need {
                 self.streamed += 1;
                 let mut message = stream_message(&stream, self.streamed);
-                room -= stream.size + MAX_HEADER;
+                room -= self.stream_need().unwrap_or(0);
                 batch += 1;
                 let kind = if stream.binary {
                     Kind::Binary
@@ -216,7 +234,9 @@ impl Controlled {
             }
         }
         while self.pending.front().is_some_and(|(due, _)| *due <= now) {
-            self.release_one(sender, outbox, news);
+            if !self.release_one(sender, outbox, news, true) {
+                break;
+            }
         }
     }
 
@@ -224,26 +244,73 @@ impl Controlled {
     pub(crate) fn flush(&mut self, sender: &mut Sender, outbox: &mut Outbox, news: &mut News) {
         news.controlled = true;
         while !self.pending.is_empty() {
-            self.release_one(sender, outbox, news);
+            self.release_one(sender, outbox, news, false);
         }
     }
 
-    fn release_one(&mut self, sender: &mut Sender, outbox: &mut Outbox, news: &mut News) {
-        let Some((_, later)) = self.pending.pop_front() else {
-            return;
+    /// Sends the first waiting entry; `false` when it is an echo in pieces that is not
+    /// all out yet (`one_turn` bounds what it encodes: [`PIECES_PER_TURN`]).
+    fn release_one(
+        &mut self,
+        sender: &mut Sender,
+        outbox: &mut Outbox,
+        news: &mut News,
+        one_turn: bool,
+    ) -> bool {
+        let Some((due, later)) = self.pending.pop_front() else {
+            return true;
         };
         match later {
             Later::Echo { kind, mut bytes } => {
-                self.held -= bytes.len();
+                self.held -= bytes.len() + ENTRY_COST;
                 self.echo(kind, Payload::Owned(&mut bytes), sender, outbox, news);
             }
             Later::Close(close) => {
+                self.held -= ENTRY_COST;
                 let close = close
                     .as_ref()
                     .map(|(code, reason)| (*code, reason.as_str()));
                 answer_close(close, sender, outbox, news);
             }
+            Later::Pieces {
+                kind,
+                rsv1,
+                bytes,
+                mut sent,
+            } => {
+                let size = self.controls.fragment.unwrap_or(usize::MAX).max(1);
+                let (most_bytes, most_frames) = PIECES_PER_TURN;
+                let mut frames = 0;
+                while sent < bytes.len()
+                    && (!one_turn || (outbox.len() < most_bytes && frames < most_frames))
+                {
+                    let end = sent.saturating_add(size).min(bytes.len());
+                    let opcode = if sent == 0 {
+                        kind.opcode()
+                    } else {
+                        OpCode::Continuation
+                    };
+                    let fin = end == bytes.len();
+                    sender.piece(opcode, fin, rsv1 && sent == 0, &bytes[sent..end], outbox);
+                    self.held -= end - sent;
+                    sent = end;
+                    frames += 1;
+                }
+                if sent < bytes.len() {
+                    let rest = Later::Pieces {
+                        kind,
+                        rsv1,
+                        bytes,
+                        sent,
+                    };
+                    self.pending.push_front((due, rest));
+                    return false;
+                }
+                self.held -= ENTRY_COST;
+                self.count_echo(sender, outbox, news);
+            }
         }
+        true
     }
 
     /// Sends one echo (or the fault in its place) and fires `after=N`.
@@ -263,10 +330,35 @@ impl Controlled {
                     self.action = Some(Action::Closed(1005));
                 }
             }
+            if self.action.is_some() {
+                // The fault's Close ends the connection: no close or drop follows.
+                self.acted = true;
+            }
         } else {
-            let max_frame = self.controls.fragment.unwrap_or(usize::MAX);
-            sender.fragmented(kind, payload, max_frame, outbox);
+            match self.controls.fragment {
+                Some(size) if payload.len() > size.saturating_mul(FRAMES_AT_ONCE) => {
+                    // Framed as the client reads; counted once its last frame goes.
+                    let (rsv1, bytes) = sender.prepare(take_bytes(payload));
+                    self.held += bytes.len() + ENTRY_COST;
+                    let pieces = Later::Pieces {
+                        kind,
+                        rsv1,
+                        bytes,
+                        sent: 0,
+                    };
+                    self.pending.push_front((Instant::now(), pieces));
+                    return;
+                }
+                fragment => {
+                    sender.fragmented(kind, payload, fragment.unwrap_or(usize::MAX), outbox);
+                }
+            }
         }
+        self.count_echo(sender, outbox, news);
+    }
+
+    /// One more echo has gone out: `after=N` fires at the Nth.
+    fn count_echo(&mut self, sender: &mut Sender, outbox: &mut Outbox, news: &mut News) {
         self.echoes += 1;
         if !self.acted && self.controls.after == Some(After::Echoes(self.echoes)) {
             if self.controls.close.is_some() {
@@ -309,6 +401,14 @@ impl Controlled {
     }
 }
 
+/// The bytes of a payload, taken when the buffer may be.
+fn take_bytes(payload: Payload<'_>) -> Vec<u8> {
+    match payload {
+        Payload::Owned(buffer) => std::mem::take(buffer),
+        other => other.to_plain().into_owned(),
+    }
+}
+
 /// Answers the peer's Close: the same code back (§5.5.1), and the driver is told.
 pub(crate) fn answer_close(
     close: Option<(u16, &str)>,
@@ -346,7 +446,7 @@ pub(crate) fn stream_message(stream: &Stream, counter: u64) -> Vec<u8> {
 /// The frames of `fault` in place of an echo of `payload`, and whether they close the
 /// connection (a Close frame).
 fn fault_frames(fault: Fault, kind: Kind, payload: &[u8], compressed: bool) -> (Vec<u8>, bool) {
-    let mut out = Vec::with_capacity(payload.len() + 2 * MAX_HEADER + 130);
+    let mut out = Vec::with_capacity(payload.len() + 2 * frame::MAX_HEADER_LEN + 130);
     match fault {
         Fault::InvalidUtf8 => {
             let text = b"not UTF-8: \xff\xfe";
@@ -475,7 +575,7 @@ mod tests {
             &mut news,
         );
         assert!(controlled.defer_close(Some((1000, "bye"))));
-        assert_eq!(controlled.held(), 6);
+        assert_eq!(controlled.held(), 6 + 3 * ENTRY_COST);
         assert!(outbox.is_empty());
         assert_eq!(
             controlled.next_due(),
@@ -492,6 +592,75 @@ mod tests {
         let written = outbox.contents();
         assert_eq!(&written[5..10], [0x81, 3, b't', b'w', b'o']);
         assert_eq!(&written[10..12], [0x88, 5]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn every_waiting_entry_is_charged_even_an_empty_message() {
+        let controls = Controls {
+            delay: Some(Duration::from_secs(30)),
+            ..Controls::default()
+        };
+        let mut controlled = Controlled::new(controls, false, Instant::now(), 1);
+        let (mut sender, mut outbox, mut news) = parts();
+        for _ in 0..1000 {
+            controlled.message(
+                Kind::Text,
+                Payload::Slice(b""),
+                &mut sender,
+                &mut outbox,
+                &mut news,
+            );
+        }
+        assert_eq!(controlled.held(), 1000 * ENTRY_COST);
+        controlled.flush(&mut sender, &mut outbox, &mut news);
+        assert_eq!(controlled.held(), 0);
+        assert_eq!(outbox.len(), 2000);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_long_fragmented_echo_goes_out_a_turn_at_a_time() {
+        let controls = Controls {
+            fragment: Some(1),
+            ..Controls::default()
+        };
+        let mut controlled = Controlled::new(controls, false, Instant::now(), 1);
+        let (mut sender, mut outbox, mut news) = parts();
+        let message = vec![b'f'; 10_000];
+        controlled.message(
+            Kind::Binary,
+            Payload::Slice(&message),
+            &mut sender,
+            &mut outbox,
+            &mut news,
+        );
+        // Nothing encoded yet: the echo waits, its bytes counted once.
+        assert!(outbox.is_empty());
+        assert_eq!(controlled.held(), 10_000 + ENTRY_COST);
+        let (_, most_frames) = PIECES_PER_TURN;
+        controlled.send_due(
+            Instant::now(),
+            usize::MAX,
+            &mut sender,
+            &mut outbox,
+            &mut news,
+        );
+        assert_eq!(outbox.len(), most_frames * 3);
+        assert_eq!(controlled.held(), 10_000 - most_frames + ENTRY_COST);
+        let first = outbox.contents();
+        assert_eq!(&first[..6], [0x02, 1, b'f', 0x00, 1, b'f']);
+        while controlled.held() > 0 {
+            controlled.send_due(
+                Instant::now(),
+                usize::MAX,
+                &mut sender,
+                &mut outbox,
+                &mut news,
+            );
+        }
+        let all = outbox.contents();
+        assert_eq!(all.len(), 30_000);
+        assert_eq!(&all[all.len() - 3..], [0x80, 1, b'f']);
+        assert_eq!(controlled.next_due(), None);
     }
 
     #[tokio::test(start_paused = true)]
@@ -545,7 +714,7 @@ mod tests {
         let opened = Instant::now();
         let mut controlled = Controlled::new(controls, false, opened, 1);
         let (mut sender, mut outbox, mut news) = parts();
-        assert_eq!(controlled.stream_need(), Some(10 + MAX_HEADER));
+        assert_eq!(controlled.stream_need(), Some(10 + 2));
         controlled.send_due(opened, 5, &mut sender, &mut outbox, &mut news);
         assert!(outbox.is_empty(), "no room, no message");
         controlled.send_due(opened, 1 << 20, &mut sender, &mut outbox, &mut news);

@@ -325,6 +325,19 @@ impl Controls {
                     .map(|v| integer("size", &v, 0, ceilings.max_message as u64))
                     .transpose()?
                     .map_or(DEFAULT_STREAM_SIZE, |n| n as usize);
+                // Headers beyond a few bytes per message are what `fragment` adds: the
+                // encoded message must fit where the largest message does.
+                let encoded = encoded_len(size, controls.fragment);
+                if encoded > ceilings.max_message + 64 {
+                    return Err(BadControl {
+                        name: "size",
+                        message: format!(
+                            "a stream message cut by fragment={} takes {encoded} bytes on the wire, over the largest message ({})",
+                            controls.fragment.unwrap_or(size),
+                            ceilings.max_message
+                        ),
+                    });
+                }
                 if count.saturating_mul(size as u64) > ceilings.max_stream_bytes {
                     return Err(BadControl {
                         name: "stream",
@@ -435,6 +448,19 @@ impl Controls {
     }
 }
 
+/// Bytes a message of `len` takes on the wire when `fragment` cuts it: the payload
+/// and a header per frame (2 bytes up to 125, 4 up to 65,535, 10 beyond).
+pub(crate) fn encoded_len(len: usize, fragment: Option<usize>) -> usize {
+    let size = fragment.unwrap_or(usize::MAX).max(1).min(len.max(1));
+    let frames = len.div_ceil(size).max(1);
+    let header = match size {
+        0..=125 => 2,
+        126..=0xFFFF => 4,
+        _ => 10,
+    };
+    len + frames * header
+}
+
 /// `GET /controls`: every parameter, its range and the operator's ceilings, as JSON.
 pub(crate) fn describe(ceilings: &Ceilings) -> Value {
     let time = |d: Duration| humantime::format_duration(d).to_string().replace(' ', "");
@@ -456,7 +482,7 @@ pub(crate) fn describe(ceilings: &Ceilings) -> Value {
             parameter("close", "close code", "1000-1003, 1007-1014, 3000-4999".into(), "the server starts a close with this code (at once, or at `after`)"),
             parameter("reason", "text", format!("at most {MAX_REASON} bytes of UTF-8; needs close"), "the reason of that Close"),
             parameter("after", "echoes or duration", format!("0..={MAX_AFTER_ECHOES} echoes, or up to {}; needs close or drop", time(MAX_AFTER)), "when close or drop fires: after N echoes, or this long after the upgrade (default: at once)"),
-            parameter("drop", "1 or 0", "1, true, 0, false".into(), "at `after`, the connection is reset without a Close frame (RST_STREAM on HTTP/2)"),
+            parameter("drop", "1 or 0", "1, true, 0, false".into(), "at `after`, the connection is reset without a Close frame (on HTTP/2 the stream ends, with END_STREAM: hyper cannot reset it)"),
             parameter("status", "HTTP status", "400..=599".into(), "the handshake is refused with this status"),
             parameter("ping", "duration", format!("{}..={}", time(MIN_PING), time(MAX_PING)), "the server pings this often (instead of --ping-interval)"),
             parameter("pong", "0", "0 or false (1 or true: the default)".into(), "the server does not answer the client's pings"),

@@ -180,8 +180,8 @@ pub(crate) trait Transport: AsyncRead + AsyncWrite + Unpin {
     }
 
     /// Makes dropping the stream abort the connection rather than close it (the `drop`
-    /// control). The default does nothing: dropping an HTTP/2 stream unfinished resets
-    /// it (RST_STREAM), and TLS ends without its close_notify.
+    /// control). The default does nothing: hyper ends a dropped HTTP/2 stream with
+    /// END_STREAM (it offers no way to reset an upgraded one).
     fn reset_on_drop(&self) {}
 }
 
@@ -377,12 +377,16 @@ pub(crate) struct Driver<'a, S> {
 /// The driver's state for test controls and `--max-connection-duration`.
 #[derive(Debug, Default)]
 struct Extras {
-    /// Bytes the policy holds for later ([`Policy::held`]), as of its last news.
+    /// Bytes the policy holds for later ([`Schedule::held`]), as of its last news.
     scheduled: usize,
     /// When the policy next has something to send, as of its last news.
     policy_due: Option<Instant>,
     /// The timer must be set again (`policy_due` changed, or the read rate ran out).
     due_moved: bool,
+    /// The policy's deadline as the timer was last set with it.
+    armed: Option<Instant>,
+    /// The next stream message waits for the outbox to drain, not for time.
+    stream_blocked: bool,
     /// When `--max-connection-duration` closes the connection.
     ends_at: Option<Instant>,
     /// The `read_rate` control's window, when there is one.
@@ -486,8 +490,12 @@ impl<'a, S: Transport> Driver<'a, S> {
     }
 
     /// Runs the connection to its end, `policy` answering what arrives.
+    ///
+    /// Borrowed, not consumed: an async fn keeps its arguments for its whole life
+    /// beside the locals they move into, so a driver taken by value was stored twice in
+    /// every connection's task (rust-lang/rust#62958).
     pub(crate) async fn run(
-        mut self,
+        &mut self,
         policy: &mut impl Policy,
         shutdown: &CancellationToken,
     ) -> Ending {
@@ -518,7 +526,8 @@ impl<'a, S: Transport> Driver<'a, S> {
                 }
                 Event::Gone(detail) => {
                     // A client that sent its last messages and shut its side may still
-                    // read their echoes.
+                    // read their echoes, delayed ones included.
+                    self.flush_policy(policy);
                     if !self.outbox.is_empty() {
                         let close_timeout = self.rules.close_timeout;
                         let _ =
@@ -549,6 +558,7 @@ impl<'a, S: Transport> Driver<'a, S> {
         waits: &mut Waits<'_, '_>,
     ) -> Poll<Event> {
         let mut reads = 0;
+        let mut timers_moved = false;
         if let Some(event) = self.news_event() {
             // Found in the bytes that came with the handshake.
             return Poll::Ready(event);
@@ -560,28 +570,34 @@ impl<'a, S: Transport> Driver<'a, S> {
             if let Some(due) = self.policy_due() {
                 let now = Instant::now();
                 if due <= now && self.outbox.len() < self.rules.write_limit {
-                    let room = match policy.stream_need() {
+                    let (room, blocked) = match policy.stream_need() {
                         Some(need) => match self.poll_budget(cx, need) {
-                            Poll::Ready(covered) => covered,
-                            Poll::Pending => 0,
+                            // Room short of a message with the budget not waited for
+                            // (what the outbox holds must drain first): the next write
+                            // or read wakes the loop, the timer need not.
+                            Poll::Ready(covered) => (covered, covered < need),
+                            Poll::Pending => (0, false),
                         },
-                        None => usize::MAX,
+                        None => (usize::MAX, false),
                     };
+                    if let Some(extras) = self.extras.as_deref_mut() {
+                        extras.stream_blocked = blocked;
+                    }
                     policy.send_due(now, room, &mut self.sender, &mut self.outbox);
                     self.take_news(policy);
                     if let Some(event) = self.news_event() {
                         return Poll::Ready(event);
                     }
                     due_again = self.policy_due().is_some_and(|due| due <= now)
-                        && self.budget_wait.is_none();
+                        && self.budget_wait.is_none()
+                        && !blocked;
                 }
             }
             // Read while the echoes fit: past the limit the client is not reading
-            // them, and the server stops reading too. Echoes held for later count, and
-            // a stream goes out before anything is read.
+            // them, and the server stops reading too. Echoes held for later count;
+            // a stream waiting for the budget keeps it (a read would take its turn).
             if self.outbox.len() + self.scheduled() < self.rules.write_limit
-                && (self.policy_due().is_none()
-                    || (policy.stream_need().is_none() && !self.receiver.close_received()))
+                && (self.extras.is_none() || !self.reads_held_back_by_schedule(policy))
             {
                 match self.poll_read_and_answer(cx, policy) {
                     Poll::Ready(Ok(())) => {
@@ -627,7 +643,6 @@ impl<'a, S: Transport> Driver<'a, S> {
             // read waits for budget they hold.
             let stalled =
                 self.outbox.len() >= self.rules.write_limit || (waiting && !self.outbox.is_empty());
-            let mut timers_moved = false;
             if !stalled {
                 self.stalled_since = None;
             } else if self.stalled_since.is_none() && self.rules.stall_timeout.is_some() {
@@ -664,8 +679,14 @@ impl<'a, S: Transport> Driver<'a, S> {
                 cx.waker().wake_by_ref();
                 return Poll::Pending;
             }
-            if let Some(extras) = self.extras.as_deref_mut() {
-                timers_moved |= std::mem::take(&mut extras.due_moved);
+            if self.extras.is_some() {
+                // The policy's deadline counts only while it can be acted on: set the
+                // timer again when that changes (the outbox drained below the limit).
+                let armed = self.scheduled_deadline();
+                if let Some(extras) = self.extras.as_deref_mut() {
+                    timers_moved |= std::mem::take(&mut extras.due_moved);
+                    timers_moved |= std::mem::replace(&mut extras.armed, armed) != armed;
+                }
             }
             if timers_moved {
                 waits.reset_timer(self.next_deadline());
@@ -790,6 +811,33 @@ impl<'a, S: Transport> Driver<'a, S> {
             0
         };
         self.receiver.buffered() + echo_reserve + self.outbox.held() + self.scheduled()
+    }
+
+    /// Whether the policy's own schedule keeps the loop from reading: echoes held for
+    /// later fill the write limit, or [`Driver::reads_held_back_by_schedule`].
+    fn reads_held_back(&self, policy: &impl Policy) -> bool {
+        self.extras.is_some()
+            && (self.scheduled() >= self.rules.write_limit
+                || self.reads_held_back_by_schedule(policy))
+    }
+
+    /// A stream waits for the budget (a read would take its turn), or the peer's Close
+    /// came and waits behind delayed echoes (nothing after it is read).
+    fn reads_held_back_by_schedule(&self, policy: &impl Policy) -> bool {
+        (policy.stream_need().is_some() && self.budget_wait.is_some())
+            || self.receiver.close_received()
+    }
+
+    /// What the policy scheduled, while it can be acted on: not while the outbox is
+    /// over the write limit, the budget is waited for, or a stream message waits for
+    /// the outbox to drain (their progress wakes the loop).
+    fn scheduled_deadline(&self) -> Option<Instant> {
+        let extras = self.extras.as_deref()?;
+        extras.policy_due.filter(|_| {
+            self.outbox.len() < self.rules.write_limit
+                && self.budget_wait.is_none()
+                && !extras.stream_blocked
+        })
     }
 
     /// Bytes the policy holds for later.
@@ -922,7 +970,12 @@ impl<'a, S: Transport> Driver<'a, S> {
         limit: Option<Limit>,
     ) -> Ending {
         // What the policy holds for later is echoed before the Close.
-        policy.flush(&mut self.sender, &mut self.outbox);
+        if let Some(answered) = self.flush_policy(policy) {
+            // The peer's Close was waiting behind those echoes, and is now answered.
+            let close_timeout = self.rules.close_timeout;
+            let _ = timeout(close_timeout, self.write_all_and_shut(policy)).await;
+            return Ending::ClientClosed(answered);
+        }
         self.sender.close(Some(code), &reason, &mut self.outbox);
         self.receiver.drain();
         // The message is dropped: what it held goes back to the others now, not after
@@ -946,6 +999,9 @@ impl<'a, S: Transport> Driver<'a, S> {
                     .await
             }
             Action::Closed(code) => {
+                // As in `close`: nothing more is followed, and the budget goes back.
+                self.receiver.drain();
+                self.release_budget();
                 let _ = self.linger(policy).await;
                 Ending::ServerClosed(code, "fault=bad-close-code".into(), None)
             }
@@ -1044,6 +1100,14 @@ impl<'a, S: Transport> Driver<'a, S> {
     /// Keepalive, idle, stall and message deadlines; `Some` when the connection is over.
     async fn on_timer(&mut self, policy: &mut impl Policy) -> Option<Ending> {
         let now = Instant::now();
+        if let Some(rate) = self.extras.as_deref_mut().and_then(|e| e.rate.as_mut()) {
+            // A new second of the read rate: refilled here, not only by a read, so
+            // that its deadline never stays in the past while reading is paused.
+            if now >= rate.started + Duration::from_secs(1) {
+                rate.started = now;
+                rate.left = self.rules.read_rate.unwrap_or(u64::MAX);
+            }
+        }
         if let (Some(due), Some(limit)) = (self.message_check, self.rules.message_timeout) {
             if now >= due {
                 // While others wait, a message gives way if it holds more than an even
@@ -1087,8 +1151,12 @@ impl<'a, S: Transport> Driver<'a, S> {
                 return Some(self.close_at_once(policy, 1008, reason, Limit::Stall));
             }
         }
-        if let Some((_, sent_at)) = self.awaiting_pong {
-            if now >= sent_at + self.rules.ping_timeout {
+        if let Some((payload, sent_at)) = self.awaiting_pong {
+            if self.reads_held_back(policy) {
+                // Its own delayed echoes or stream keep the server from reading the
+                // Pong: the client is not to blame, the wait starts again.
+                self.awaiting_pong = Some((payload, now));
+            } else if now >= sent_at + self.rules.ping_timeout {
                 let reason = "keepalive ping unanswered";
                 return Some(self.close_at_once(policy, 1001, reason, Limit::Keepalive));
             }
@@ -1113,12 +1181,11 @@ impl<'a, S: Transport> Driver<'a, S> {
                 self.next_ping = Some(now + interval);
                 // A connection whose echoes wait for room is busy, not idle.
                 // Nor is one waiting for the read budget: it could not read the Pong.
-                // Nor is one that reads nothing while its stream or held echoes go out.
+                // Nor is one that reads nothing while its held echoes wait.
                 if self.outbox.is_empty()
                     && self.awaiting_pong.is_none()
                     && self.budget_wait.is_none()
-                    && self.scheduled() < self.rules.write_limit
-                    && policy.stream_need().is_none()
+                    && !self.reads_held_back(policy)
                 {
                     self.pings_sent += 1;
                     self.sender
@@ -1140,12 +1207,24 @@ impl<'a, S: Transport> Driver<'a, S> {
         reason: &'static str,
         limit: Limit,
     ) -> Ending {
-        policy.flush(&mut self.sender, &mut self.outbox);
+        let answered = self.flush_policy(policy);
         self.sender.close(Some(code), reason, &mut self.outbox);
         policy.publish();
         let waker = std::task::Waker::noop();
         let _ = self.poll_write_out(&mut Context::from_waker(waker));
-        Ending::ServerClosed(code, reason.into(), Some(limit))
+        match answered {
+            Some(code) => Ending::ClientClosed(code),
+            None => Ending::ServerClosed(code, reason.into(), Some(limit)),
+        }
+    }
+
+    /// Sends everything the policy held for later, before a Close the server starts.
+    /// `Some` with the peer's code when that included the answer to the peer's Close
+    /// (it waited behind delayed echoes): the connection then ends as the client's.
+    fn flush_policy(&mut self, policy: &mut impl Policy) -> Option<u16> {
+        policy.flush(&mut self.sender, &mut self.outbox);
+        self.take_news(policy);
+        self.news.peer_closed
     }
 
     /// The earliest instant a timer needs the loop's attention.
@@ -1162,11 +1241,7 @@ impl<'a, S: Transport> Driver<'a, S> {
         let peer_check = self.peer_check_armed.then(|| Instant::now() + PEER_CHECK);
         let extras = self.extras.as_deref();
         let longest = extras.and_then(|extras| extras.ends_at);
-        // What the policy scheduled, unless it waits for the client to read or for
-        // the budget (their progress wakes the loop).
-        let scheduled = self
-            .policy_due()
-            .filter(|_| self.outbox.len() < self.rules.write_limit && self.budget_wait.is_none());
+        let scheduled = self.scheduled_deadline();
         let rate = extras
             .and_then(|extras| extras.rate.as_ref())
             .filter(|rate| rate.left == 0)

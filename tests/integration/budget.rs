@@ -515,3 +515,49 @@ async fn delayed_echoes_hold_no_more_than_the_echoes() {
     );
     drop(clients);
 }
+
+/// `fragment=1` on an 8 MiB echo to a client that does not read: encoded at once it
+/// would be 24 MiB (a 2-byte header per byte), outside the budget; it is framed as the
+/// client reads, so the server holds the message and little more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finely_fragmented_echo_is_framed_as_the_client_reads() {
+    let _heavy = crate::support::heavy().await;
+    let server = ServerProcess::start(&["--ping-interval", "0s"]);
+    let baseline = server.rss();
+    let mut clients = non_readers_at(&server, "/ws?fragment=1", 1).await;
+    let frame = encode_frame(true, false, 0x2, &vec![b'f'; 8 << 20], true);
+    clients[0].write_all(&frame).await.expect("send");
+    // Once the upload's reallocations are purged (the allocator's decay is 100 ms),
+    // what stays is what the server holds for the client.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let held = server.rss();
+    eprintln!(
+        "fragment=1, 8 MiB: RSS baseline {} MiB, then {} MiB",
+        baseline / MIB,
+        held / MIB
+    );
+    assert!(held < baseline + 16 * MIB, "RSS {} MiB", held / MIB);
+}
+
+/// A read rate whose second ran out while delayed echoes fill the write limit: the
+/// server waits, it does not spin (its timer once stayed in the past: a core at 100%).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_rate_waiting_behind_held_echoes_does_not_spin() {
+    let _heavy = crate::support::heavy().await;
+    let server = ServerProcess::start(&["--ping-interval", "0s"]);
+    let mut clients = non_readers_at(&server, "/ws?read_rate=5000&delay=10s", 1).await;
+    let frame = encode_frame(true, false, 0x2, &[b'r'; 9000], true);
+    for _ in 0..3 {
+        clients[0].write_all(&frame).await.expect("send");
+    }
+    // The first echo is whole after two seconds of reading, and holds the write limit.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let before = server.cpu_time();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let used = server.cpu_time() - before;
+    eprintln!("read rate behind held echoes: {used:?} of CPU in 2 s");
+    assert!(
+        used < Duration::from_millis(20),
+        "the server used {used:?} of CPU in 2 s"
+    );
+}

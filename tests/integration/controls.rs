@@ -476,3 +476,83 @@ async fn max_connection_duration_closes_every_websocket_at_its_deadline() {
     assert_eq!(&close.payload[2..], b"connection duration limit reached");
     assert!(opened.elapsed() >= Duration::from_millis(300));
 }
+
+#[tokio::test]
+async fn delayed_echoes_still_reach_a_client_that_half_closed() {
+    let server = TestServer::start().await;
+    let (mut client, _) = raw(&server, "delay=300ms").await;
+    client.send(true, 0x1, b"before my EOF").await;
+    client.stream.shutdown().await.expect("half-close");
+    assert_eq!(client.read_frame().await, Some(text("before my EOF")));
+}
+
+#[tokio::test]
+async fn held_back_reads_do_not_count_against_the_keepalive() {
+    // A 9 KB echo held for a second fills the 8 KiB write limit, so the server reads
+    // nothing meanwhile, the client's Pongs included: that must not close it (1001).
+    let server = TestServer::with(ws_echo::Settings {
+        ping_interval: Some(Duration::from_millis(100)),
+        ping_timeout: Duration::from_millis(300),
+        ..Default::default()
+    })
+    .await;
+    let (mut client, _) = raw(&server, "delay=1s").await;
+    client.send(true, 0x2, &[b'k'; 9000]).await;
+    loop {
+        let frame = client.read_frame().await.expect("a frame");
+        match frame.opcode {
+            0x9 => client.send(true, 0xA, &frame.payload).await,
+            0x2 => break assert_eq!(frame.payload.len(), 9000),
+            _ => panic!("expected the echo, got {frame:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_stream_still_hears_the_clients_close() {
+    let server = TestServer::start().await;
+    let (mut client, _) = raw(&server, "stream=100&size=8&interval=100ms").await;
+    assert_eq!(client.read_frame().await.expect("a message").opcode, 0x1);
+    let asked = Instant::now();
+    client.send(true, 0x8, &1000u16.to_be_bytes()).await;
+    loop {
+        let frame = client.read_frame().await.expect("the Close");
+        if frame.opcode == 0x8 {
+            assert_eq!(frame.close_code(), 1000);
+            break;
+        }
+    }
+    assert!(
+        asked.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        asked.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn fragment_1_cuts_a_long_echo_into_single_bytes() {
+    let server = TestServer::start().await;
+    let (mut client, _) = raw(&server, "fragment=1").await;
+    let message: Vec<u8> = (0..5000).map(|i| (i % 251) as u8).collect();
+    client.send(true, 0x2, &message).await;
+    let mut echoed = Vec::new();
+    for i in 0..message.len() {
+        let frame = client.read_frame().await.expect("a frame");
+        assert_eq!(frame.opcode, if i == 0 { 0x2 } else { 0x0 });
+        assert_eq!(frame.fin, i == message.len() - 1);
+        echoed.extend(frame.payload);
+    }
+    assert_eq!(echoed, message);
+}
+
+#[tokio::test]
+async fn only_a_websocket_upgrade_at_the_root_is_taken_as_one() {
+    let server = TestServer::start().await;
+    let (head, body) = exchange(
+        &server,
+        "GET / HTTP/1.1\r\nHost: t\r\nConnection: Upgrade, close\r\nUpgrade: h2c\r\n\r\n",
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(body.contains("<html"), "the page");
+}

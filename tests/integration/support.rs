@@ -573,6 +573,22 @@ impl ServerProcess {
         kib * 1024
     }
 
+    /// CPU time the process's threads have used, to the nanosecond (the first field
+    /// of each `/proc/PID/task/TID/schedstat`; `/proc/PID/stat` counts in 10 ms ticks,
+    /// too coarse to see a timer firing every millisecond).
+    pub fn cpu_time(&self) -> Duration {
+        let tasks = std::fs::read_dir(format!("/proc/{}/task", self.child.id()))
+            .expect("list the process's threads");
+        let nanos: u64 = tasks
+            .filter_map(|task| {
+                let path = task.ok()?.path().join("schedstat");
+                let stat = std::fs::read_to_string(path).ok()?;
+                stat.split(' ').next()?.parse::<u64>().ok()
+            })
+            .sum();
+        Duration::from_nanos(nanos)
+    }
+
     /// Waits for the process to exit, up to `limit`.
     pub fn wait(&mut self, limit: Duration) -> std::process::ExitStatus {
         let started = std::time::Instant::now();
