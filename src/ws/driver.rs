@@ -813,12 +813,15 @@ impl<'a, S: Transport> Driver<'a, S> {
         self.receiver.buffered() + echo_reserve + self.outbox.held() + self.scheduled()
     }
 
-    /// Whether the policy's own schedule keeps the loop from reading: echoes held for
-    /// later fill the write limit, or [`Driver::reads_held_back_by_schedule`].
+    /// Whether the connection's own controls keep the loop from reading: echoes held
+    /// for later fill the write limit, this second's read rate is spent, or
+    /// [`Driver::reads_held_back_by_schedule`].
     fn reads_held_back(&self, policy: &impl Policy) -> bool {
-        self.extras.is_some()
-            && (self.scheduled() >= self.rules.write_limit
-                || self.reads_held_back_by_schedule(policy))
+        self.extras.as_deref().is_some_and(|extras| {
+            self.scheduled() >= self.rules.write_limit
+                || extras.rate.as_ref().is_some_and(|rate| rate.left == 0)
+                || self.reads_held_back_by_schedule(policy)
+        })
     }
 
     /// A stream waits for the budget (a read would take its turn), or the peer's Close

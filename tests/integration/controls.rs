@@ -556,3 +556,31 @@ async fn only_a_websocket_upgrade_at_the_root_is_taken_as_one() {
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert!(body.contains("<html"), "the page");
 }
+
+#[tokio::test]
+async fn a_slow_reader_does_not_blame_the_client_for_pongs_it_has_not_read() {
+    // 3,000 bytes at 1,000 a second: the Pong behind them is read after 3 s, long
+    // past the 300 ms ping timeout; the connection must not be closed for it.
+    let server = TestServer::with(ws_echo::Settings {
+        ping_interval: Some(Duration::from_millis(200)),
+        ping_timeout: Duration::from_millis(300),
+        ..Default::default()
+    })
+    .await;
+    let (mut client, _) = raw(&server, "read_rate=1000").await;
+    client.send(true, 0x2, &[b's'; 3000]).await;
+    let started = Instant::now();
+    loop {
+        let frame = client.read_frame().await.expect("a frame");
+        match frame.opcode {
+            0x9 => client.send(true, 0xA, &frame.payload).await,
+            0x2 => break assert_eq!(frame.payload.len(), 3000),
+            _ => panic!("expected the echo, got {frame:?}"),
+        }
+    }
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+}
