@@ -486,26 +486,37 @@ async fn delayed_echoes_still_reach_a_client_that_half_closed() {
     assert_eq!(client.read_frame().await, Some(text("before my EOF")));
 }
 
-#[tokio::test]
-async fn held_back_reads_do_not_count_against_the_keepalive() {
-    // A 9 KB echo held for a second fills the 8 KiB write limit, so the server reads
-    // nothing meanwhile, the client's Pongs included: that must not close it (1001).
-    let server = TestServer::with(ws_echo::Settings {
-        ping_interval: Some(Duration::from_millis(100)),
+/// A server that pings every `interval` and closes (1001) a Pong 300 ms late.
+async fn keepalive_server(interval: Duration) -> TestServer {
+    TestServer::with(ws_echo::Settings {
+        ping_interval: Some(interval),
         ping_timeout: Duration::from_millis(300),
         ..Default::default()
     })
-    .await;
-    let (mut client, _) = raw(&server, "delay=1s").await;
-    client.send(true, 0x2, &[b'k'; 9000]).await;
+    .await
+}
+
+/// Reads until a binary echo, answering the server's Pings on the way; its payload.
+/// A Close (the keepalive giving up) fails the test.
+async fn echo_answering_pings(client: &mut RawClient) -> Vec<u8> {
     loop {
         let frame = client.read_frame().await.expect("a frame");
         match frame.opcode {
             0x9 => client.send(true, 0xA, &frame.payload).await,
-            0x2 => break assert_eq!(frame.payload.len(), 9000),
+            0x2 => return frame.payload,
             _ => panic!("expected the echo, got {frame:?}"),
         }
     }
+}
+
+#[tokio::test]
+async fn held_back_reads_do_not_count_against_the_keepalive() {
+    // A 9 KB echo held for a second fills the 8 KiB write limit, so the server reads
+    // nothing meanwhile, the client's Pongs included: that must not close it (1001).
+    let server = keepalive_server(Duration::from_millis(100)).await;
+    let (mut client, _) = raw(&server, "delay=1s").await;
+    client.send(true, 0x2, &[b'k'; 9000]).await;
+    assert_eq!(echo_answering_pings(&mut client).await.len(), 9000);
 }
 
 #[tokio::test]
@@ -561,23 +572,11 @@ async fn only_a_websocket_upgrade_at_the_root_is_taken_as_one() {
 async fn a_slow_reader_does_not_blame_the_client_for_pongs_it_has_not_read() {
     // 3,000 bytes at 1,000 a second: the Pong behind them is read after 3 s, long
     // past the 300 ms ping timeout; the connection must not be closed for it.
-    let server = TestServer::with(ws_echo::Settings {
-        ping_interval: Some(Duration::from_millis(200)),
-        ping_timeout: Duration::from_millis(300),
-        ..Default::default()
-    })
-    .await;
+    let server = keepalive_server(Duration::from_millis(200)).await;
     let (mut client, _) = raw(&server, "read_rate=1000").await;
     client.send(true, 0x2, &[b's'; 3000]).await;
     let started = Instant::now();
-    loop {
-        let frame = client.read_frame().await.expect("a frame");
-        match frame.opcode {
-            0x9 => client.send(true, 0xA, &frame.payload).await,
-            0x2 => break assert_eq!(frame.payload.len(), 3000),
-            _ => panic!("expected the echo, got {frame:?}"),
-        }
-    }
+    assert_eq!(echo_answering_pings(&mut client).await.len(), 3000);
     assert!(
         started.elapsed() >= Duration::from_secs(2),
         "{:?}",
