@@ -513,10 +513,32 @@ async fn echo_answering_pings(client: &mut RawClient) -> Vec<u8> {
 async fn held_back_reads_do_not_count_against_the_keepalive() {
     // A 9 KB echo held for a second fills the 8 KiB write limit, so the server reads
     // nothing meanwhile, the client's Pongs included: that must not close it (1001).
+    // The Pong to a Ping already out arrives after the message, so it waits unread for
+    // the whole second, three times the ping timeout.
     let server = keepalive_server(Duration::from_millis(100)).await;
     let (mut client, _) = raw(&server, "delay=1s").await;
+    let ping = client.read_frame().await.expect("the keepalive Ping");
+    assert_eq!(ping.opcode, 0x9);
     client.send(true, 0x2, &[b'k'; 9000]).await;
+    let sent = Instant::now();
+    // In a read of its own, after the server has stopped reading.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    client.send(true, 0xA, &ping.payload).await;
+    // Given up on, the server would send the echo at once, then Close 1001.
     assert_eq!(echo_answering_pings(&mut client).await.len(), 9000);
+    assert!(
+        sent.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        sent.elapsed()
+    );
+    client.send(true, 0x8, &1000u16.to_be_bytes()).await;
+    let close = loop {
+        let frame = client.read_frame().await.expect("the Close");
+        if frame.opcode != 0x9 {
+            break frame;
+        }
+    };
+    assert_eq!((close.opcode, close.close_code()), (0x8, 1000));
 }
 
 #[tokio::test]
