@@ -4,10 +4,12 @@
 //! greeting, and the upgrade that hands a connection to `ws`.
 
 pub(crate) mod app;
+pub(crate) mod h2;
 pub(crate) mod hello;
 pub(crate) mod limits;
 pub(crate) mod origin;
 pub(crate) mod page;
+pub(crate) mod preface;
 pub(crate) mod server;
 pub(crate) mod state;
 pub(crate) mod tcp;

@@ -13,11 +13,8 @@ use axum::{
     http::{HeaderValue, StatusCode},
     response::IntoResponse,
 };
-use hyper::body::Incoming;
-use hyper_util::{
-    rt::{TokioExecutor, TokioIo, TokioTimer},
-    server::conn::auto,
-};
+use hyper::{body::Incoming, server::conn::http1};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     net::{TcpListener, TcpStream},
@@ -28,7 +25,8 @@ use tower::ServiceExt;
 use tracing::{debug, info, warn};
 
 use super::{
-    app,
+    app, h2,
+    preface::{self, Http},
     state::{AppState, PeerAddr, TlsInfo},
     tcp::{Slot, TcpCap},
     tls,
@@ -157,11 +155,14 @@ pub async fn run(
 pub struct Server {
     /// The router with its state; cloned into each connection's service.
     router: axum::Router,
-    /// HTTP/1.1 + HTTP/2 settings shared by every connection.
-    builder: auto::Builder<TokioExecutor>,
-    /// The same, without HTTP/1.1 keep-alive: connections accepted during the drain
-    /// get one answer (a 503 for upgrades and `/readyz`) and are closed.
-    draining_builder: auto::Builder<TokioExecutor>,
+    /// HTTP/1.1 settings shared by every connection.
+    builder: http1::Builder,
+    /// The same, without keep-alive: connections accepted during the drain get one
+    /// answer (a 503 for upgrades and `/readyz`) and are closed.
+    draining_builder: http1::Builder,
+    /// HTTP/2 connections get the WebSockets' keepalive: a peer that vanished without
+    /// a FIN is found by its unanswered PING.
+    keepalive: Option<h2::Keepalive>,
     /// Cancelled when the drain begins.
     token: CancellationToken,
     /// Every HTTP connection and every WebSocket runs in here.
@@ -210,9 +211,8 @@ impl Server {
         let state = AppState::new(settings, token.clone(), tracker.clone());
         let metrics = Arc::clone(&state.metrics);
         let router = app::router(state);
-        let mut builder = auto::Builder::new(TokioExecutor::new());
+        let mut builder = http1::Builder::new();
         builder
-            .http1()
             .timer(TokioTimer::new())
             .header_read_timeout(handshake_timeout)
             // A client may send its whole request and shut down its write side while it
@@ -224,20 +224,17 @@ impl Server {
             // on with its 101). Header deadlines, keep-alive and the drain are unchanged:
             // an EOF between requests still closes the connection.
             .half_close(true);
-        // HTTP/2 connections get the WebSockets' keepalive: a peer that vanished
-        // without a FIN is found by its unanswered ping.
-        builder
-            .http2()
-            .timer(TokioTimer::new())
-            .keep_alive_interval(ping_interval)
-            .keep_alive_timeout(ping_timeout)
-            .enable_connect_protocol();
+        let keepalive = ping_interval.map(|interval| h2::Keepalive {
+            interval,
+            timeout: ping_timeout,
+        });
         let mut draining_builder = builder.clone();
-        draining_builder.http1().keep_alive(false);
+        draining_builder.keep_alive(false);
         Self {
             router,
             builder,
             draining_builder,
+            keepalive,
             token,
             tracker,
             deadline,
@@ -319,42 +316,27 @@ impl Server {
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let router = self.router.clone();
         // Set when the first request's headers are in. hyper's own header timeout starts
-        // only once the protocol is known, and the HTTP/1-or-2 detection before it waits
-        // for bytes without limit, so a silent connection would be held forever.
+        // only once the protocol is known, and telling HTTP/1.1 from HTTP/2 waits for
+        // bytes without limit, so a silent connection would be held forever.
         let first_request = Arc::new(Notify::new());
-        let request_arrived = Arc::clone(&first_request);
-        let requests_slot = Arc::clone(&slot);
-        let service = hyper::service::service_fn(move |request: Request<Incoming>| {
-            request_arrived.notify_one();
-            // In progress until its answer is ready; a WebSocket upgraded from it
-            // takes its own mark (`http::upgrade`).
-            let in_progress = requests_slot.active();
-            let mut request = request.map(axum::body::Body::new);
-            request.extensions_mut().insert(PeerAddr(peer));
-            request.extensions_mut().insert(Arc::clone(&requests_slot));
-            if let Some(tls) = &tls {
-                request.extensions_mut().insert(tls.clone());
-            }
-            let answer = router.clone().oneshot(request);
-            async move {
-                let answer = answer.await;
-                drop(in_progress);
-                answer
-            }
-        });
+        let answer = Answer {
+            router: self.router.clone(),
+            first_request: Arc::clone(&first_request),
+            slot: Arc::clone(&slot),
+            peer,
+            tls,
+        };
         // A connection accepted during the drain is not cut by it (it would be closed
-        // before its request is read); its builder closes it after one answer instead.
+        // before its request is read); its HTTP/1.1 builder closes it after one answer
+        // instead.
         let draining = self.token.is_cancelled();
         let builder = if draining {
-            &self.draining_builder
+            self.draining_builder.clone()
         } else {
-            &self.builder
+            self.builder.clone()
         };
-        let connection = builder
-            .serve_connection_with_upgrades(TokioIo::new(io), service)
-            .into_owned();
+        let keepalive = self.keepalive;
         let token = self.token.clone();
         let handshake_timeout = self.handshake_timeout;
         let metrics = Arc::clone(&self.metrics);
@@ -362,7 +344,6 @@ impl Server {
             // The connection's place under the TCP cap lasts as long as this task, or
             // longer in a WebSocket upgraded from it.
             let slot = slot;
-            tokio::pin!(connection);
             let handshake_deadline = async {
                 if tokio::time::timeout(handshake_timeout, first_request.notified())
                     .await
@@ -371,28 +352,75 @@ impl Server {
                     std::future::pending::<()>().await;
                 }
             };
-            let result = tokio::select! {
-                // The handshake deadline is older than the idle one and fires first.
-                biased;
-                result = connection.as_mut() => result,
-                () = handshake_deadline => {
-                    debug!(%peer, "no request headers within the handshake timeout; closing");
-                    metrics.limit_drop(Limit::HandshakeTimeout);
-                    return;
-                }
-                () = slot.idle_for(handshake_timeout) => {
+            // Why the connection should end, whatever its protocol.
+            let stopping = async {
+                let why = tokio::select! {
+                    // The handshake deadline is older than the idle one and fires first.
+                    biased;
+                    () = handshake_deadline => EndOf::HandshakeTimeout,
                     // No request and no WebSocket in progress (HTTP/2 connections, which
                     // hyper's header timeout does not cover, and HTTP/1.1 keep-alive).
-                    debug!(%peer, "HTTP connection idle; closing");
-                    metrics.limit_drop(Limit::HttpIdle);
-                    connection.as_mut().graceful_shutdown();
-                    connection.await
-                }
-                () = token.cancelled(), if !draining => {
+                    () = slot.idle_for(handshake_timeout) => EndOf::Idle,
                     // Finish the request in flight, then close; idle keep-alive
                     // connections close at once.
-                    connection.as_mut().graceful_shutdown();
-                    connection.await
+                    () = token.cancelled(), if !draining => EndOf::Drain,
+                };
+                match why {
+                    EndOf::HandshakeTimeout => {
+                        debug!(%peer, "no request headers within the handshake timeout; closing");
+                        metrics.limit_drop(Limit::HandshakeTimeout);
+                    }
+                    EndOf::Idle => {
+                        debug!(%peer, "HTTP connection idle; closing");
+                        metrics.limit_drop(Limit::HttpIdle);
+                    }
+                    EndOf::Drain => {}
+                }
+                why
+            };
+            tokio::pin!(stopping);
+            let (http, io) = tokio::select! {
+                biased;
+                sniffed = preface::sniff(io) => match sniffed {
+                    Ok(sniffed) => sniffed,
+                    Err(error) => {
+                        debug!(%peer, %error, "HTTP connection ended before its first request");
+                        return;
+                    }
+                },
+                _ = &mut stopping => return,
+            };
+            let result: Result<(), Box<dyn std::error::Error + Send + Sync>> = match http {
+                Http::One => {
+                    let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                        let answered = answer.call(request.map(axum::body::Body::new));
+                        async move { Ok::<_, std::convert::Infallible>(answered.await) }
+                    });
+                    let connection = builder
+                        .serve_connection(TokioIo::new(io), service)
+                        .with_upgrades();
+                    tokio::pin!(connection);
+                    tokio::select! {
+                        result = connection.as_mut() => result.map_err(Into::into),
+                        why = &mut stopping => {
+                            if why == EndOf::HandshakeTimeout {
+                                return;
+                            }
+                            connection.as_mut().graceful_shutdown();
+                            connection.await.map_err(Into::into)
+                        }
+                    }
+                }
+                Http::Two => {
+                    let stop = async {
+                        match stopping.await {
+                            EndOf::HandshakeTimeout => h2::Stop::Now,
+                            EndOf::Idle | EndOf::Drain => h2::Stop::Gracefully,
+                        }
+                    };
+                    h2::serve(io, |request| answer.call(request), stop, keepalive)
+                        .await
+                        .map_err(Into::into)
                 }
             };
             if let Err(error) = result {
@@ -444,6 +472,52 @@ async fn answer_plain_http(stream: TcpStream, served_by: HeaderValue) -> hyper::
         .keep_alive(false)
         .serve_connection(TokioIo::new(stream), service)
         .await
+}
+
+/// Why an HTTP connection is closed from our side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum EndOf {
+    /// No request headers within the handshake timeout: closed at once.
+    HandshakeTimeout,
+    /// Nothing in progress for the handshake timeout: closed gracefully.
+    Idle,
+    /// The drain began: closed gracefully.
+    Drain,
+}
+
+/// Answers a connection's requests, HTTP/1.1 or HTTP/2, through the router, with what
+/// the router needs to know about the connection.
+struct Answer {
+    router: axum::Router,
+    /// Notified at each request: the first one meets the handshake deadline.
+    first_request: Arc<Notify>,
+    /// The connection's place under the TCP cap, busy while a request is answered.
+    slot: Arc<Slot>,
+    peer: SocketAddr,
+    tls: Option<TlsInfo>,
+}
+
+impl Answer {
+    fn call(
+        &self,
+        mut request: Request,
+    ) -> impl Future<Output = axum::response::Response> + Send + use<> {
+        self.first_request.notify_one();
+        // In progress until its answer is ready; a WebSocket upgraded from it takes its
+        // own mark (`http::upgrade`).
+        let in_progress = self.slot.active();
+        request.extensions_mut().insert(PeerAddr(self.peer));
+        request.extensions_mut().insert(Arc::clone(&self.slot));
+        if let Some(tls) = &self.tls {
+            request.extensions_mut().insert(tls.clone());
+        }
+        let answer = self.router.clone().oneshot(request);
+        async move {
+            let Ok(answer) = answer.await;
+            drop(in_progress);
+            answer
+        }
+    }
 }
 
 /// Logs an accept error. None of them stops the server: they concern one connection

@@ -11,16 +11,18 @@ use axum::{
 use std::sync::Arc;
 
 use bytes::Bytes;
-use hyper::upgrade::Upgraded;
-use hyper_util::{rt::TokioIo, server::conn::auto};
+use hyper::upgrade::{OnUpgrade, Upgraded};
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_rustls::server::TlsStream;
 use tracing::{Instrument, Span, debug, info, info_span, warn};
 
 use super::{
+    h2::{OnTunnel, Tunnel},
     hello,
     limits::{Admission, Full},
+    preface::Rewind,
     state::{AppState, PeerAddr},
     tcp::{Active, Slot},
 };
@@ -152,7 +154,11 @@ pub(crate) async fn upgrade(State(state): State<AppState>, mut request: Request)
     // The WebSocket keeps its TCP connection's place under the cap and, on HTTP/2,
     // keeps the connection from being closed as idle.
     let in_progress = request.extensions().get::<Arc<Slot>>().map(Slot::active);
-    let on_upgrade = hyper::upgrade::on(&mut request);
+    // HTTP/2 streams come from our own server (`http::h2`), HTTP/1.1 upgrades from hyper.
+    let on_upgrade = match request.extensions_mut().remove::<OnTunnel>() {
+        Some(tunnel) => Upgrade::Http2(tunnel),
+        None => Upgrade::Http1(hyper::upgrade::on(&mut request)),
+    };
     let mut accepted = accepted;
     let mut response = accepted.response();
     accepted.forget_accept_key();
@@ -236,10 +242,22 @@ pub(crate) async fn upgrade(State(state): State<AppState>, mut request: Request)
     response
 }
 
+/// Where the connection's stream will come from once the answer is sent.
+enum Upgrade {
+    Http1(OnUpgrade),
+    Http2(OnTunnel),
+}
+
+/// The stream a WebSocket runs on.
+enum Stream {
+    Http1(Upgraded),
+    Http2(Tunnel),
+}
+
 /// Runs one WebSocket to its end and logs the result. Its log lines are written in
 /// `span`, which is `Span::none()` when the whole task runs in the connection's span.
 async fn serve(
-    on_upgrade: hyper::upgrade::OnUpgrade,
+    on_upgrade: Upgrade,
     (subprotocol, deflate, asked): (Option<String>, Option<Params>, Option<Box<Asked>>),
     greeting: Option<String>,
     state: AppState,
@@ -247,12 +265,21 @@ async fn serve(
     _places: (Admission, Option<Active>),
     span: Span,
 ) {
-    let upgraded = match on_upgrade.await {
-        Ok(upgraded) => upgraded,
-        Err(error) => {
-            span.in_scope(|| debug!(%error, "upgrade did not complete"));
-            return;
-        }
+    let upgraded = match on_upgrade {
+        Upgrade::Http1(on_upgrade) => match on_upgrade.await {
+            Ok(upgraded) => Stream::Http1(upgraded),
+            Err(error) => {
+                span.in_scope(|| debug!(%error, "upgrade did not complete"));
+                return;
+            }
+        },
+        Upgrade::Http2(on_tunnel) => match on_tunnel.stream().await {
+            Some(tunnel) => Stream::Http2(tunnel),
+            None => {
+                span.in_scope(|| debug!("HTTP/2 stream gone before the upgrade completed"));
+                return;
+            }
+        },
     };
     let started = Instant::now();
     let compressed = deflate.is_some();
@@ -284,10 +311,10 @@ async fn serve(
         ));
     }
     let rules = rules.as_deref().unwrap_or(state.echo.rules());
-    // A plain TCP connection (HTTP/1.1) is driven on the socket itself, without the
-    // two rewind layers and the trait object that hyper and hyper-util wrap an upgraded
-    // stream in: echo_load W1, ~400 fewer instructions per echo. So is HTTP/1.1 over
-    // TLS, on its TLS stream. HTTP/2 streams keep the wrapper.
+    // A plain TCP connection (HTTP/1.1) is driven on the socket itself (behind the
+    // rewind layer of its first bytes), without the trait object that hyper wraps an
+    // upgraded stream in: echo_load W1, ~400 fewer instructions per echo. So is
+    // HTTP/1.1 over TLS, on its TLS stream, and HTTP/2 on its own stream.
     let setup = Setup {
         state: &state,
         rules,
@@ -295,13 +322,16 @@ async fn serve(
         greeting,
         echo: &mut echo,
     };
-    let ending = match auto::upgrade::downcast::<TokioIo<TcpStream>>(upgraded) {
-        Ok(parts) => drive(parts.io.into_inner(), parts.read_buf, setup).await,
-        // Boxed: a task is as large as its largest await, and what a match looks at
-        // lives across the awaits of its arms; a TLS stream is kilobytes (echo_load W4:
-        // 23.0 KiB per idle connection with this inline, 18.0 with only its drive
-        // boxed).
-        Err(upgraded) => Box::pin(drive_tls_or_http2(upgraded, setup)).await,
+    let ending = match upgraded {
+        Stream::Http1(upgraded) => match upgraded.downcast::<TokioIo<Rewind<TcpStream>>>() {
+            Ok(parts) => drive(parts.io.into_inner(), parts.read_buf, setup).await,
+            // Boxed: a task is as large as its largest await, and what a match looks at
+            // lives across the awaits of its arms; a TLS stream is kilobytes (echo_load
+            // W4: 23.0 KiB per idle connection with this inline, 18.0 with only its
+            // drive boxed).
+            Err(upgraded) => Box::pin(drive_tls_or_other(upgraded, setup)).await,
+        },
+        Stream::Http2(tunnel) => Box::pin(drive(tunnel, Bytes::new(), setup)).await,
     };
     state.metrics.connections_open.dec();
     let stats = std::mem::take(&mut echo.stats);
@@ -347,11 +377,12 @@ async fn serve(
     });
 }
 
-/// Runs a connection that is not plain TCP. HTTP/1.1 on the TLS port is driven on the
-/// TLS stream itself, which knows its socket (a client that leaves while waiting is
-/// noticed; `drop` resets); HTTP/2 streams keep hyper's wrapper.
-async fn drive_tls_or_http2(upgraded: Upgraded, setup: Setup<'_, '_, '_>) -> Ending {
-    match auto::upgrade::downcast::<TokioIo<TlsStream<TcpStream>>>(upgraded) {
+/// Runs an HTTP/1.1 connection that is not plain TCP. On the TLS port it is driven on
+/// the TLS stream itself, which knows its socket (a client that leaves while waiting
+/// is noticed; `drop` resets); any other stream (`Server::spawn_connection`) keeps
+/// hyper's wrapper.
+async fn drive_tls_or_other(upgraded: Upgraded, setup: Setup<'_, '_, '_>) -> Ending {
+    match upgraded.downcast::<TokioIo<Rewind<TlsStream<TcpStream>>>>() {
         Ok(parts) => drive(parts.io.into_inner(), parts.read_buf, setup).await,
         Err(upgraded) => drive(TokioIo::new(upgraded), Bytes::new(), setup).await,
     }

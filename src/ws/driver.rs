@@ -180,14 +180,16 @@ pub(crate) trait Transport: AsyncRead + AsyncWrite + Unpin {
     }
 
     /// Makes dropping the stream abort the connection rather than close it (the `drop`
-    /// control). The default does nothing: hyper ends a dropped HTTP/2 stream with
-    /// END_STREAM (it offers no way to reset an upgraded one).
+    /// control). The default does nothing: an HTTP/2 stream dropped without a shutdown
+    /// is reset already (`http::h2::Tunnel`), and hyper's wrapper around any other
+    /// stream cannot be reached.
     fn reset_on_drop(&self) {}
 }
 
 impl Transport for hyper_util::rt::TokioIo<hyper::upgrade::Upgraded> {}
 
-/// A WebSocket upgraded over HTTP/1.1 on the TLS port: its TCP socket answers for it.
+/// A WebSocket upgraded over HTTP/1.1 on the TLS port (behind `http::preface::Rewind`):
+/// its TCP socket answers for it.
 impl Transport for tokio_rustls::server::TlsStream<tokio::net::TcpStream> {
     fn peer_closed(&self) -> bool {
         self.get_ref().0.peer_closed()

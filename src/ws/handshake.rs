@@ -237,7 +237,7 @@ fn is_extended_connect<B>(request: &Request<B>) -> bool {
     request.method() == Method::CONNECT
         && request
             .extensions()
-            .get::<hyper::ext::Protocol>()
+            .get::<h2::ext::Protocol>()
             .is_some_and(|protocol| protocol.as_str().eq_ignore_ascii_case("websocket"))
 }
 

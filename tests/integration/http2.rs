@@ -21,8 +21,8 @@ use tokio_tungstenite::{
 use ws_echo::{Settings, TlsSettings};
 
 use crate::support::{
-    RawClient, STEP, TestServer, assert_echoes, assert_echoes_text_and_binary, deflate, inflate,
-    tls_client_config,
+    RawClient, STEP, TestServer, assert_echoes, assert_echoes_text_and_binary, deflate,
+    encode_frame, inflate, tls_client_config,
 };
 
 /// RFC 8441 §5: the version header is sent as in HTTP/1.1; the key is not.
@@ -306,12 +306,10 @@ async fn controls_shape_http2_websockets_as_they_do_http1_ones() {
 }
 
 /// The `drop` control on HTTP/2, seen with h2's own client (hyper's reads a reset with
-/// CANCEL as an orderly end): the stream ends with no Close frame. It ends with
-/// END_STREAM, not RST_STREAM: hyper gives an upgraded HTTP/2 stream no way to reset
-/// it (dropping it ends it), which the README says. Should that change, this test
-/// says so.
+/// CANCEL as an orderly end): the echo before it arrives, then the stream is reset
+/// (RST_STREAM CANCEL), with no Close frame and no END_STREAM.
 #[tokio::test]
-async fn drop_ends_the_http2_stream_without_a_close_frame() {
+async fn drop_resets_the_http2_stream_after_its_echoes() {
     let server = TestServer::start().await;
     let tcp = TcpStream::connect(server.addr).await.expect("connect");
     let (client, connection) = h2::client::handshake(tcp).await.expect("HTTP/2 handshake");
@@ -327,31 +325,38 @@ async fn drop_ends_the_http2_stream_without_a_close_frame() {
     }
     let request = Request::builder()
         .method(Method::CONNECT)
-        .uri("http://localhost/ws?drop=1&after=300ms")
+        .uri("http://localhost/ws?drop=1&after=1")
         .extension(h2::ext::Protocol::from_static("websocket"))
         .header(VERSION.0, VERSION.1)
         .body(())
         .expect("a valid request");
-    let (response, _send) = client.send_request(request, false).expect("send");
+    let (response, mut send) = client.send_request(request, false).expect("send");
     let response = tokio::time::timeout(STEP, response)
         .await
         .expect("response in time")
         .expect("response");
     assert_eq!(response.status(), StatusCode::OK);
+    send.send_data(encode_frame(true, false, 0x1, b"last", true).into(), false)
+        .expect("send the message");
     let mut body = response.into_body();
+    let mut received = Vec::new();
     let ended = tokio::time::timeout(STEP, async {
         loop {
             match body.data().await {
-                // hyper may send an empty DATA frame when the response starts.
-                Some(Ok(data)) if data.is_empty() => continue,
+                Some(Ok(data)) => {
+                    let _ = body.flow_control().release_capacity(data.len());
+                    received.extend_from_slice(&data);
+                }
                 other => return other,
             }
         }
     })
     .await
     .expect("the stream ends in time");
+    // The unmasked echo, and nothing after it: no Close frame.
+    assert_eq!(received, encode_frame(true, false, 0x1, b"last", false));
     match ended {
-        None => {}
-        other => panic!("expected END_STREAM and no frame, got {other:?}"),
+        Some(Err(error)) => assert_eq!(error.reason(), Some(h2::Reason::CANCEL), "{error}"),
+        other => panic!("expected RST_STREAM, got {other:?}"),
     }
 }
