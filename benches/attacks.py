@@ -91,6 +91,10 @@ class Server:
     def rss(self):
         return proc_status(self.pid, "VmRSS")
 
+    def rss_parts(self):
+        """VmRSS, and its anonymous part: the rest is file pages (code paged in as it runs)."""
+        return proc_status(self.pid, "VmRSS"), proc_status(self.pid, "RssAnon")
+
     def fds(self):
         return len(os.listdir(f"/proc/{self.pid}/fd"))
 
@@ -325,7 +329,7 @@ def drain_and_close(sock):
 
 async def start(srv):
     await asyncio.sleep(0.5)
-    return srv.rss(), Peak(srv.pid)
+    return srv.rss_parts(), Peak(srv.pid)
 
 
 async def aftermath(srv, before, sampler, seconds=10, watch=None):
@@ -333,11 +337,12 @@ async def aftermath(srv, before, sampler, seconds=10, watch=None):
     peak, t0, rss = sampler.stop(), time.monotonic(), {}
     for t in range(1, max(seconds, 10) + 1):
         await asyncio.sleep(t0 + t - time.monotonic())
-        rss[t] = srv.rss()
+        rss[t] = srv.rss_parts()
         if watch:
             await watch(t)
+    (before, before_anon), (one, _), (ten, ten_anon) = before, rss[1], rss[10]
     log(f"RSS: before {mib(before)}, peak {mib(peak)} (VmHWM {mib(proc_status(srv.pid, 'VmHWM'))}), "
-        f"+1 s {mib(rss[1])}, +10 s {mib(rss[10])}")
+        f"+1 s {mib(one)}, +10 s {mib(ten)}; anonymous: before {mib(before_anon)}, +10 s {mib(ten_anon)}")
     log(f"server's sockets on port {srv.port} at +{max(seconds, 10)} s: {fmt(server_sockets(srv.port))}")
     m = await metrics(srv.port)
     log("/metrics:" if m else "/metrics: no answer")
