@@ -482,7 +482,7 @@ pub(crate) fn describe(ceilings: &Ceilings) -> Value {
             parameter("close", "close code", "1000-1003, 1007-1014, 3000-4999".into(), "the server starts a close with this code (at once, or at `after`)"),
             parameter("reason", "text", format!("at most {MAX_REASON} bytes of UTF-8; needs close"), "the reason of that Close"),
             parameter("after", "echoes or duration", format!("0..={MAX_AFTER_ECHOES} echoes, or up to {}; needs close or drop", time(MAX_AFTER)), "when close or drop fires: after N echoes, or this long after the upgrade (default: at once)"),
-            parameter("drop", "1 or 0", "1, true, 0, false".into(), "at `after`, the connection is reset without a Close frame (on HTTP/2 the stream ends, with END_STREAM: hyper cannot reset it)"),
+            parameter("drop", "1 or 0", "1, true, 0, false".into(), "at `after`, the connection is reset without a Close frame (on HTTP/2 the stream, with RST_STREAM)"),
             parameter("status", "HTTP status", "400..=599".into(), "the handshake is refused with this status"),
             parameter("ping", "duration", format!("{}..={}", time(MIN_PING), time(MAX_PING)), "the server pings this often (instead of --ping-interval)"),
             parameter("pong", "0", "0 or false (1 or true: the default)".into(), "the server does not answer the client's pings"),
