@@ -21,7 +21,7 @@ use std::{
 use axum::{
     body::{Body, HttpBody},
     extract::Request,
-    http::{HeaderMap, HeaderValue, Method, header},
+    http::{HeaderMap, HeaderValue, Method, StatusCode, header},
     response::Response,
 };
 use bytes::{Buf, Bytes};
@@ -219,7 +219,11 @@ where
                 return;
             }
         }
-        if let Some(length) = body.size_hint().exact() {
+        // As hyper does; never on a status that has no content (RFC 9110 §8.6).
+        let has_content = !(head.status.is_informational()
+            || head.status == StatusCode::NO_CONTENT
+            || head.status == StatusCode::NOT_MODIFIED);
+        if let (true, Some(length)) = (has_content, body.size_hint().exact()) {
             if !head.headers.contains_key(header::CONTENT_LENGTH) {
                 head.headers
                     .insert(header::CONTENT_LENGTH, HeaderValue::from(length));

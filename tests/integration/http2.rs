@@ -211,6 +211,54 @@ async fn extended_connect_negotiates_permessage_deflate() {
     assert_eq!(inflate(&echo.payload), text.as_bytes());
 }
 
+/// Sends `method target` with `body` on `sender`; the status, headers and whole body.
+async fn request(
+    sender: &mut Sender,
+    method: Method,
+    target: &str,
+    body: &'static str,
+) -> (StatusCode, http::HeaderMap, Vec<u8>) {
+    let request = Request::builder()
+        .method(method)
+        .uri(format!("http://localhost{target}"))
+        .body(Body::from(body))
+        .expect("a valid request");
+    let response = tokio::time::timeout(STEP, sender.send_request(request))
+        .await
+        .expect("response in time")
+        .expect("response");
+    let (head, body) = response.into_parts();
+    let body = http_body_util::BodyExt::collect(body)
+        .await
+        .expect("the whole body")
+        .to_bytes();
+    (head.status, head.headers, body.to_vec())
+}
+
+/// Plain requests over HTTP/2 reach the router as over HTTP/1.1: the page with its
+/// length, HEAD with the length and no body, a request body read and answered.
+#[tokio::test]
+async fn ordinary_requests_over_h2c_are_answered_by_the_router() {
+    let server = TestServer::start().await;
+    let mut sender = h2c(&server).await;
+    let (status, headers, page) = request(&mut sender, Method::GET, "/", "").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(String::from_utf8_lossy(&page).contains("<html"));
+    let length = headers[header::CONTENT_LENGTH].to_str().expect("ASCII");
+    assert_eq!(length, page.len().to_string());
+    let (status, headers, body) = request(&mut sender, Method::HEAD, "/", "").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers[header::CONTENT_LENGTH], length);
+    assert!(body.is_empty(), "HEAD has no body");
+    let (status, _, body) = request(&mut sender, Method::POST, "/", "a body to read").await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(body, b"use GET\n");
+    let (status, _, body) = request(&mut sender, Method::GET, "/controls", "").await;
+    assert_eq!(status, StatusCode::OK);
+    let description: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
+    assert!(description["parameters"].is_array(), "{description}");
+}
+
 /// Only `:protocol = websocket` is ours; any other extended CONNECT is refused.
 #[tokio::test]
 async fn extended_connect_for_another_protocol_is_405() {
