@@ -114,17 +114,19 @@ class Server:
 
 
 class Peak(threading.Thread):
-    """The server's VmRSS every 100 ms (a thread, so a busy event loop does not skew it)."""
+    """The server's VmRSS and RssAnon every 100 ms (a thread, so a busy event loop does not
+    skew it): their peaks."""
 
     def __init__(self, pid):
         super().__init__(daemon=True)
-        self.pid, self.peak, self.halt = pid, 0, threading.Event()
+        self.pid, self.peak, self.peak_anon, self.halt = pid, 0, 0, threading.Event()
         self.start()
 
     def run(self):
         while not self.halt.is_set():
             try:
                 self.peak = max(self.peak, proc_status(self.pid, "VmRSS"))
+                self.peak_anon = max(self.peak_anon, proc_status(self.pid, "RssAnon"))
             except OSError:
                 return
             self.halt.wait(0.1)
@@ -342,7 +344,8 @@ async def aftermath(srv, before, sampler, seconds=10, watch=None):
             await watch(t)
     (before, before_anon), (one, _), (ten, ten_anon) = before, rss[1], rss[10]
     log(f"RSS: before {mib(before)}, peak {mib(peak)} (VmHWM {mib(proc_status(srv.pid, 'VmHWM'))}), "
-        f"+1 s {mib(one)}, +10 s {mib(ten)}; anonymous: before {mib(before_anon)}, +10 s {mib(ten_anon)}")
+        f"+1 s {mib(one)}, +10 s {mib(ten)}; anonymous: before {mib(before_anon)}, "
+        f"peak {mib(sampler.peak_anon)}, +10 s {mib(ten_anon)}")
     log(f"server's sockets on port {srv.port} at +{max(seconds, 10)} s: {fmt(server_sockets(srv.port))}")
     m = await metrics(srv.port)
     log("/metrics:" if m else "/metrics: no answer")

@@ -10,6 +10,7 @@
 //! permessage-deflate was agreed.
 
 use super::{
+    chunked::Chunked,
     close::{self, Violation},
     deflate::{self, InflateError, Inflater, Params},
     frame::{self, Header, OpCode},
@@ -96,7 +97,7 @@ struct Message {
     kind: Kind,
     compressed: bool,
     /// The payload so far, unmasked and inflated.
-    payload: Vec<u8>,
+    payload: Chunked,
     /// Validates text as it arrives; `None` for binary.
     utf8: Option<Utf8Validator>,
 }
@@ -175,7 +176,7 @@ impl Receiver {
         self.message
             .as_ref()
             .filter(|m| !m.compressed)
-            .map_or(0, |m| m.payload.capacity() - m.payload.len())
+            .map_or(0, |m| m.payload.spare())
     }
 
     /// Whether a data message has started and not ended.
@@ -408,7 +409,7 @@ impl Receiver {
             self.message = Some(Message {
                 kind,
                 compressed: header.rsv1,
-                payload: Vec::new(),
+                payload: Chunked::default(),
                 utf8: (kind == Kind::Text).then(Utf8Validator::default),
             });
         }
@@ -452,7 +453,7 @@ impl Receiver {
             self.control.extend_from_slice(piece);
             return Ok(piece.len());
         }
-        let ahead = self
+        let mut ahead = self
             .frame
             .as_ref()
             .map_or(0, |frame| (frame.header.len - frame.done) as usize)
@@ -475,18 +476,17 @@ impl Receiver {
             );
             // What inflated before a corrupt byte is checked first, so that the same
             // bytes give the same violation however reads cut them.
-            if let Some(utf8) = &mut message.utf8 {
-                utf8.feed(&message.payload[start..])
-                    .map_err(|_| Violation::InvalidUtf8)?;
-            }
+            feed_utf8(message, start)?;
             return inflated.map_err(inflate_violation);
         }
-        grow(&mut message.payload, piece.len(), ahead, &mut self.room);
-        message.payload.extend_from_slice(piece);
-        if let Some(utf8) = &mut message.utf8 {
-            utf8.feed(&message.payload[start..])
-                .map_err(|_| Violation::InvalidUtf8)?;
+        let mut rest = piece;
+        while !rest.is_empty() {
+            grow(&mut message.payload, rest.len(), ahead, &mut self.room);
+            let taken = message.payload.append(rest);
+            rest = &rest[taken..];
+            ahead -= taken;
         }
+        feed_utf8(message, start)?;
         Ok(piece.len())
     }
 
@@ -513,10 +513,7 @@ impl Receiver {
                 .as_mut()
                 .expect("invariant: start_frame refuses RSV1 unless deflate was agreed");
             let finished = inflater.finish(&mut message.payload, self.limits.max_message);
-            if let Some(utf8) = &mut message.utf8 {
-                utf8.feed(&message.payload[start..])
-                    .map_err(|_| Violation::InvalidUtf8)?;
-            }
+            feed_utf8(&mut message, start)?;
             finished.map_err(inflate_violation)?;
         }
         if message
@@ -526,7 +523,12 @@ impl Receiver {
         {
             return Err(Violation::InvalidUtf8);
         }
-        handler.message(message.kind, Payload::Owned(&mut message.payload));
+        let payload = if message.payload.is_single() {
+            Payload::Owned(message.payload.last_mut())
+        } else {
+            Payload::Chunks(&mut message.payload)
+        };
+        handler.message(message.kind, payload);
         Ok(())
     }
 
@@ -553,19 +555,29 @@ impl Receiver {
     }
 }
 
-/// Makes room in `payload` for `need` more bytes. It grows by at least
-/// [`GROW_AT_LEAST`] and by as much as it holds (doubling, so that copies stay
-/// linear), but never past what the frame still announces (`ahead`: the length is the
-/// peer's word, and capacity is memory held) nor past `room` unless `need` itself is
-/// more (bytes already read must be kept). `room` is charged for what was allocated.
-fn grow(payload: &mut Vec<u8>, need: usize, ahead: usize, room: &mut usize) {
-    if payload.capacity() - payload.len() >= need {
+/// Makes room in `payload` for `need` more bytes, or as many as its last chunk can
+/// take. It grows by at least [`GROW_AT_LEAST`] and by as much as it holds (doubling,
+/// so that copies stay linear within a chunk, and a new chunk is allocated once), but
+/// never past what the frame still announces (`ahead`: the length is the peer's word,
+/// and capacity is memory held) nor past `room` unless `need` itself is more (bytes
+/// already read must be kept). `room` is charged for what was allocated.
+fn grow(payload: &mut Chunked, need: usize, ahead: usize, room: &mut usize) {
+    if payload.spare() >= need {
         return;
     }
-    let before = payload.capacity();
     let wanted = payload.len().max(GROW_AT_LEAST).min(ahead).min(*room);
-    payload.reserve_exact(need.max(wanted));
-    *room = room.saturating_sub(payload.capacity() - before);
+    let allocated = payload.reserve(need.max(wanted));
+    *room = room.saturating_sub(allocated);
+}
+
+/// Validates the text a message received from position `start` on.
+fn feed_utf8(message: &mut Message, start: usize) -> Result<(), Violation> {
+    if let Some(utf8) = &mut message.utf8 {
+        for piece in message.payload.since(start) {
+            utf8.feed(piece).map_err(|_| Violation::InvalidUtf8)?;
+        }
+    }
+    Ok(())
 }
 
 /// Whether the frame in progress has all its payload.
@@ -601,6 +613,11 @@ impl Sender {
     /// long enough to gain from it. Nothing is queued after our Close.
     #[inline]
     pub(crate) fn message(&mut self, kind: Kind, payload: Payload<'_>, out: &mut Outbox) {
+        if self.deflate.is_none() && !self.closed {
+            // The common case: one frame, the payload copied (or taken) once.
+            out.push_frame(true, false, kind.opcode(), payload);
+            return;
+        }
         self.fragmented(kind, payload, usize::MAX, out);
     }
 
@@ -717,34 +734,29 @@ fn encode_slow(
     compress: Option<&Params>,
     out: &mut Outbox,
 ) {
-    let plain = payload.to_plain();
     let mut compressed = Vec::new();
-    let (rsv1, bytes) = match compress {
-        Some(params) => {
-            deflate::deflate_message(&plain, params, &mut compressed);
-            // Data that does not compress goes out as it is (RFC 7692 lets each
-            // message choose): deflate would only make it larger.
-            if compressed.len() < plain.len() {
-                (true, compressed.as_slice())
-            } else {
-                (false, &*plain)
-            }
-        }
-        None => (false, &*plain),
-    };
-    if bytes.len() <= max_frame {
-        let payload = if rsv1 {
-            Payload::Owned(&mut compressed)
-        } else {
-            match payload {
-                // Not copied yet: hand the buffer itself over.
-                Payload::Owned(buffer) => Payload::Owned(buffer),
-                _ => Payload::Slice(bytes),
-            }
-        };
-        out.push_frame(true, rsv1, kind.opcode(), payload);
+    if let Some(params) = compress {
+        payload.deflate(params, &mut compressed);
+    }
+    // Data that does not compress goes out as it is (RFC 7692 lets each message
+    // choose): deflate would only make it larger.
+    let rsv1 = compress.is_some() && compressed.len() < payload.len();
+    if rsv1 && compressed.len() <= max_frame {
+        out.push_frame(true, true, kind.opcode(), Payload::Owned(&mut compressed));
         return;
     }
+    if !rsv1 && payload.len() <= max_frame {
+        // Not copied yet: the payload (its buffer, when it has one) is handed over.
+        out.push_frame(true, false, kind.opcode(), payload);
+        return;
+    }
+    let plain;
+    let bytes = if rsv1 {
+        compressed.as_slice()
+    } else {
+        plain = payload.to_plain();
+        &*plain
+    };
     let mut pieces = bytes.chunks(max_frame).peekable();
     let mut opcode = kind.opcode();
     let mut first = true;
@@ -760,6 +772,7 @@ fn encode_slow(
 mod tests {
     use super::*;
     use crate::ws::{
+        chunked::CHUNK,
         frame::client_frame,
         fuzzing::{Record, Seen},
     };
@@ -1063,6 +1076,114 @@ mod tests {
         receiver.receive_within(&mut frame[..114].to_vec(), &mut record, 200);
         assert!(receiver.buffered() <= 200, "{}", receiver.buffered());
         assert_eq!(receiver.spare(), receiver.buffered() - 100);
+    }
+
+    /// Echoes every message it is handed with `sender` and notes whether it came in
+    /// chunks; anything else is a failure.
+    struct ChunkEcho {
+        sender: Sender,
+        outbox: Outbox,
+        in_chunks: Vec<bool>,
+        violations: Vec<Violation>,
+    }
+
+    impl Handler for ChunkEcho {
+        fn message(&mut self, kind: Kind, payload: Payload<'_>) {
+            self.in_chunks.push(matches!(payload, Payload::Chunks(_)));
+            self.sender.message(kind, payload, &mut self.outbox);
+        }
+        fn ping(&mut self, _: &[u8]) {
+            panic!("no ping was sent");
+        }
+        fn pong(&mut self, _: &[u8]) {
+            panic!("no pong was sent");
+        }
+        fn close(&mut self, _: Option<(u16, &str)>) {
+            panic!("no close was sent");
+        }
+        fn violation(&mut self, violation: Violation) {
+            self.violations.push(violation);
+        }
+    }
+
+    /// A message longer than one chunk is held in chunks, validated across their
+    /// boundaries, handed over in them and echoed from them (or compressed from them),
+    /// whether it arrives in one frame, in fragments or compressed, however reads cut it.
+    #[test]
+    fn a_message_past_one_chunk_is_received_and_echoed_in_chunks() {
+        let limits = Limits {
+            max_frame: 1 << 24,
+            max_message: 1 << 24,
+        };
+        // Three-byte characters: one straddles the end of the first chunk (2^20 = 3k + 1).
+        let text = "€".repeat((2 * CHUNK + 1000) / 3);
+        let bytes = text.as_bytes();
+        let mut fragments = client_frame(0x01, &bytes[..CHUNK + 7], MASK);
+        fragments.extend(client_frame(0x00, &bytes[CHUNK + 7..CHUNK + 9], MASK));
+        fragments.extend(client_frame(0x80, &bytes[CHUNK + 9..], MASK));
+        let wires = [
+            (client_frame(0x81, bytes, MASK), None),
+            (fragments, None),
+            (compressed(0x1, bytes, 3), Some(deflate_params())),
+        ];
+        for (index, (wire, deflate)) in wires.into_iter().enumerate() {
+            let first = index == 0;
+            for read in [64 * 1024, 100_003, wire.len()] {
+                let mut receiver = Receiver::new(limits, deflate);
+                let mut echo = ChunkEcho {
+                    sender: Sender::new(deflate),
+                    outbox: Outbox::default(),
+                    in_chunks: Vec::new(),
+                    violations: Vec::new(),
+                };
+                for piece in wire.chunks(read) {
+                    receiver.receive(&mut piece.to_vec(), &mut echo);
+                }
+                assert_eq!(echo.violations, [], "read {read}");
+                // A whole frame in one read is handed over where it lies.
+                let in_place = first && read == wire.len();
+                assert_eq!(echo.in_chunks, [!in_place], "read {read}");
+                let mut slices = [std::io::IoSlice::new(&[]); crate::ws::outbox::MAX_IO_SLICES];
+                let segments = echo.outbox.io_slices(&mut slices);
+                let sent = echo.outbox.contents();
+                // A server frame: FIN, RSV1 and the opcode, then no mask.
+                let used = match sent[1] {
+                    126 => 4,
+                    127 => 10,
+                    _ => 2,
+                };
+                assert_eq!(sent[0] & 0x8F, 0x81, "one whole text frame");
+                let mut payload = sent[used..].to_vec();
+                if sent[0] & 0x40 != 0 {
+                    let mut inflater = Inflater::new(&deflate_params());
+                    let mut inflated = Chunked::default();
+                    inflater
+                        .inflate(&payload, &mut inflated, usize::MAX - 1, &mut { usize::MAX })
+                        .expect("our own deflate stream");
+                    inflater
+                        .finish(&mut inflated, usize::MAX - 1)
+                        .expect("trailer");
+                    payload = inflated.take_contiguous();
+                } else {
+                    // Written from the chunks it was received in: the header, then one
+                    // segment per chunk (more than one).
+                    if !in_place {
+                        assert!(
+                            segments > 1 + bytes.len() / CHUNK,
+                            "read {read}: {segments}"
+                        );
+                    }
+                }
+                assert!(payload == bytes, "read {read}: the echo differs");
+            }
+        }
+        // A bad byte just past the first chunk is found there.
+        let mut bad = bytes.to_vec();
+        bad[CHUNK + 1] = 0xFF;
+        let mut receiver = Receiver::new(limits, None);
+        let mut record = Record::default();
+        receiver.receive(&mut client_frame(0x81, &bad, MASK), &mut record);
+        assert_eq!(record.0, [Seen::Violation(Violation::InvalidUtf8)]);
     }
 
     #[test]

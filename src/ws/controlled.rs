@@ -405,6 +405,7 @@ impl Controlled {
 fn take_bytes(payload: Payload<'_>) -> Vec<u8> {
     match payload {
         Payload::Owned(buffer) => std::mem::take(buffer),
+        Payload::Chunks(chunked) => chunked.take_contiguous(),
         other => other.to_plain().into_owned(),
     }
 }

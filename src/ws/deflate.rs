@@ -32,6 +32,8 @@ use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, 
 use http::HeaderValue;
 use http::header::GetAll;
 
+use super::chunked::Chunked;
+
 /// The extension token (RFC 7692 §7).
 const PERMESSAGE_DEFLATE: &str = "permessage-deflate";
 
@@ -279,7 +281,7 @@ impl Inflater {
     pub(crate) fn inflate(
         &mut self,
         input: &[u8],
-        out: &mut Vec<u8>,
+        out: &mut Chunked,
         limit: usize,
         room: &mut usize,
     ) -> Result<usize, InflateError> {
@@ -307,7 +309,7 @@ impl Inflater {
     /// Ends the current message: inflates the §7.2.2 trailer, then releases the zlib state
     /// when the client does not take over context. With context takeover the state must
     /// stay, since the client's next message may refer back to this one.
-    pub(crate) fn finish(&mut self, out: &mut Vec<u8>, limit: usize) -> Result<(), InflateError> {
+    pub(crate) fn finish(&mut self, out: &mut Chunked, limit: usize) -> Result<(), InflateError> {
         let result = match &mut self.state {
             // The trailer is an empty stored block: nothing to do for a stream that has
             // not started, or that already ended.
@@ -340,7 +342,7 @@ impl Inflater {
 fn inflate_into(
     state: &mut Decompress,
     mut input: &[u8],
-    out: &mut Vec<u8>,
+    out: &mut Chunked,
     limit: usize,
     room: &mut usize,
 ) -> Result<(usize, bool), InflateError> {
@@ -351,24 +353,24 @@ fn inflate_into(
     }
     let given = input.len();
     loop {
-        if out.len() == out.capacity() {
+        if out.spare() == 0 {
             // Never past the ceiling nor the room; a few times the input for ordinary
             // data, doubling for data that keeps expanding so that the copies stay
-            // linear.
+            // linear (within a chunk: a full one is never copied).
             let step = (ceiling - out.len())
                 .min(input.len().saturating_mul(4).max(4096).max(out.len()))
                 .min(*room);
             if step == 0 {
                 return Ok((given - input.len(), false));
             }
-            let before = out.capacity();
-            out.reserve_exact(step);
-            *room = room.saturating_sub(out.capacity() - before);
+            *room = room.saturating_sub(out.reserve(step));
         }
         let (in_before, out_before) = (state.total_in(), state.total_out());
+        let last = out.last_mut();
         let status = state
-            .decompress_vec(input, out, FlushDecompress::None)
+            .decompress_vec(input, last, FlushDecompress::None)
             .map_err(|_| InflateError::Corrupt)?;
+        let stopped_with_space = last.len() < last.capacity();
         input = &input[consumed(in_before, state.total_in())..];
         if out.len() > limit {
             return Err(InflateError::TooLarge);
@@ -378,7 +380,7 @@ fn inflate_into(
         }
         // zlib stops only when it runs out of input or of output space: with space left
         // over it has given all it can.
-        if out.len() < out.capacity() {
+        if stopped_with_space {
             if input.is_empty() {
                 return Ok((given, false));
             }
@@ -405,6 +407,17 @@ thread_local! {
 /// Compresses one whole message for sending (§7.2.1) from a fresh state, appending the
 /// payload to send (sync-flushed, trailer removed) to `out`.
 pub(crate) fn deflate_message(payload: &[u8], params: &Params, out: &mut Vec<u8>) {
+    deflate_pieces(std::iter::once(payload), payload.len(), params, out);
+}
+
+/// [`deflate_message`] for a message given in pieces, `len` bytes in all: a large
+/// received message is compressed from its chunks, never copied into one buffer.
+pub(crate) fn deflate_pieces<'a>(
+    pieces: impl Iterator<Item = &'a [u8]>,
+    len: usize,
+    params: &Params,
+    out: &mut Vec<u8>,
+) {
     // Clamped so that a bad setting cannot make zlib panic; the config already checks.
     let level = params.level.min(9);
     let bits = params
@@ -427,24 +440,36 @@ pub(crate) fn deflate_message(payload: &[u8], params: &Params, out: &mut Vec<u8>
 
     let start = out.len();
     // A guess for compressible data; incompressible data grows it below.
-    out.reserve(payload.len() / 4 + 64);
-    let mut input = payload;
-    loop {
-        // zlib asks for more than six bytes of space around a sync flush, or it may write
-        // the flush marker twice (zlib.h, deflate()).
-        if out.capacity() - out.len() < 64 {
-            // What is left takes at most its own size plus stored-block headers (5 bytes
-            // per up to 64 KiB) and the flush.
-            out.reserve(input.len() + input.len() / 8192 + 64);
-        }
-        let before = compressor.total_in();
-        compressor
-            .compress_vec(input, out, FlushCompress::Sync)
-            .expect("deflate with valid parameters on a reset stream does not fail");
-        input = &input[consumed(before, compressor.total_in())..];
-        // zlib returns with output space left only once the flush is complete.
-        if input.is_empty() && out.len() < out.capacity() {
-            break;
+    out.reserve(len / 4 + 64);
+    let mut left = len;
+    let mut pieces = pieces.peekable();
+    while let Some(mut input) = pieces.next() {
+        // The message ends with a sync flush; the pieces before its last are only fed.
+        let flush = if pieces.peek().is_some() {
+            FlushCompress::None
+        } else {
+            FlushCompress::Sync
+        };
+        loop {
+            // zlib asks for more than six bytes of space around a sync flush, or it may
+            // write the flush marker twice (zlib.h, deflate()).
+            if out.capacity() - out.len() < 64 {
+                // What is left takes at most its own size plus stored-block headers (5
+                // bytes per up to 64 KiB) and the flush.
+                out.reserve(left + left / 8192 + 64);
+            }
+            let before = compressor.total_in();
+            compressor
+                .compress_vec(input, out, flush)
+                .expect("deflate with valid parameters on a reset stream does not fail");
+            let used = consumed(before, compressor.total_in());
+            input = &input[used..];
+            left = left.saturating_sub(used);
+            // zlib returns with output space left only once its input is used and the
+            // flush (if any) is complete.
+            if input.is_empty() && out.len() < out.capacity() {
+                break;
+            }
         }
     }
     compressor.reset();
@@ -649,12 +674,12 @@ mod tests {
 
     /// Inflates one whole message that arrives in `pieces`.
     fn inflate_all(inflater: &mut Inflater, pieces: &[&[u8]], limit: usize) -> Inflated {
-        let mut out = Vec::new();
+        let mut out = Chunked::default();
         for piece in pieces {
             inflater.inflate(piece, &mut out, limit, &mut { UNLIMITED })?;
         }
         inflater.finish(&mut out, limit)?;
-        Ok(out)
+        Ok(out.take_contiguous())
     }
 
     /// Inflates one whole message with a new inflater.
@@ -750,14 +775,14 @@ mod tests {
         let compressed = compress(&text(1000), &p);
         let mut inflater = Inflater::new(&p);
         assert!(!inflater.holds_state());
-        let mut out = Vec::new();
+        let mut out = Chunked::default();
         inflater
             .inflate(&compressed, &mut out, MIB, &mut { UNLIMITED })
             .unwrap();
         assert!(inflater.holds_state());
         inflater.finish(&mut out, MIB).unwrap();
         assert!(!inflater.holds_state());
-        assert_eq!(out, text(1000));
+        assert_eq!(out.take_contiguous(), text(1000));
     }
 
     #[test]
@@ -778,7 +803,7 @@ mod tests {
         let bomb = compress(&vec![0; 10 * MIB], &p);
         assert!(bomb.len() < 16 * 1024, "{}", bomb.len());
         let mut inflater = Inflater::new(&p);
-        let mut out = Vec::new();
+        let mut out = Chunked::default();
         let result = inflater.inflate(&bomb, &mut out, MIB, &mut { UNLIMITED });
         assert_eq!(result, Err(InflateError::TooLarge));
         assert!(out.capacity() <= MIB + 64 * 1024, "{}", out.capacity());

@@ -201,7 +201,8 @@ impl Handler for Replies<'_, '_> {
         self.echo.unpublished.add(kind, len);
         self.echo.news.message = true;
         if tracing::enabled!(tracing::Level::DEBUG) {
-            log_message(kind, &payload.to_plain());
+            // The first characters take at most 4 bytes each.
+            log_message(kind, &payload.head(4 * LOGGED_TEXT_CHARS), payload.len());
         }
         if let Some(controlled) = self.echo.controlled.as_deref_mut() {
             controlled.message(kind, payload, self.sender, self.outbox, &mut self.echo.news);
@@ -316,20 +317,17 @@ impl Unpublished {
 
 /// The tutorial's `Got message: …` line, at debug level: text shortened, binary as its
 /// length. Payloads never reach the info level.
-fn log_message(kind: Kind, payload: &[u8]) {
+/// `head` is the start of the message, `len` bytes in all.
+fn log_message(kind: Kind, head: &[u8], len: usize) {
     match kind {
         Kind::Text => {
-            let text = String::from_utf8_lossy(payload);
+            let text = String::from_utf8_lossy(head);
             let mut shown: String = text.chars().take(LOGGED_TEXT_CHARS).collect();
-            if text.chars().count() > LOGGED_TEXT_CHARS {
+            if shown.len() < len {
                 shown.push('…');
             }
-            debug!(len = payload.len(), "Got message: {shown:?}");
+            debug!(len, "Got message: {shown:?}");
         }
-        Kind::Binary => debug!(
-            len = payload.len(),
-            "Got message: <{} bytes of binary>",
-            payload.len()
-        ),
+        Kind::Binary => debug!(len, "Got message: <{len} bytes of binary>"),
     }
 }

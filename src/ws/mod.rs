@@ -1,9 +1,10 @@
 //! The WebSocket protocol, ours from the frame up: a sans-IO core (`frame`, `close`,
-//! `utf8`, `deflate`, `connection`, `outbox`) that turns bytes into events and frames
+//! `utf8`, `deflate`, `chunked`, `connection`, `outbox`) that turns bytes into events and frames
 //! into bytes, the echo policy that answers events (`echo`; under the test controls of
 //! the URL, `controls` and `controlled`), and the one I/O driver per connection that
 //! owns every read and write (`driver`).
 
+pub(crate) mod chunked;
 pub(crate) mod close;
 pub(crate) mod connection;
 pub(crate) mod controlled;

@@ -6,9 +6,13 @@
 //! taken again for the next echo, so that a busy connection does not allocate per echo
 //! and an idle one holds nothing.
 
-use std::{cell::Cell, collections::VecDeque, io::IoSlice};
+use std::{borrow::Cow, cell::Cell, collections::VecDeque, io::IoSlice};
 
-use super::frame::{self, OpCode};
+use super::{
+    chunked::Chunked,
+    deflate::{self, Params},
+    frame::{self, OpCode},
+};
 
 /// From this size a payload handed over with its buffer is written from that buffer,
 /// not copied: below it, the copy costs less than a segment of its own.
@@ -39,6 +43,9 @@ pub(crate) enum Payload<'a> {
     /// Bytes still masked with this key (RFC 6455 §5.3): the outbox unmasks them as it
     /// copies them, one pass instead of two.
     Masked(&'a [u8], [u8; 4]),
+    /// A large received message in its chunks, which the outbox takes (leaving it
+    /// empty): each is written from where it was received.
+    Chunks(&'a mut Chunked),
 }
 
 impl Payload<'_> {
@@ -47,11 +54,13 @@ impl Payload<'_> {
         match self {
             Self::Slice(bytes) | Self::Masked(bytes, _) => bytes.len(),
             Self::Owned(buffer) => buffer.len(),
+            Self::Chunks(chunked) => chunked.len(),
         }
     }
 
-    /// The bytes, unmasked (a copy only for [`Payload::Masked`]).
-    pub(crate) fn to_plain(&self) -> std::borrow::Cow<'_, [u8]> {
+    /// The bytes, unmasked, in one slice (a copy for [`Payload::Masked`] and for
+    /// [`Payload::Chunks`]).
+    pub(crate) fn to_plain(&self) -> Cow<'_, [u8]> {
         match self {
             Self::Slice(bytes) => (*bytes).into(),
             Self::Owned(buffer) => buffer.as_slice().into(),
@@ -60,6 +69,34 @@ impl Payload<'_> {
                 frame::unmask(&mut plain, *mask, 0);
                 plain.into()
             }
+            Self::Chunks(chunked) => chunked.to_contiguous(),
+        }
+    }
+
+    /// Up to the first `max` bytes, unmasked (for a log line).
+    pub(crate) fn head(&self, max: usize) -> Cow<'_, [u8]> {
+        match self {
+            Self::Chunks(chunked) => match chunked.pieces().next() {
+                Some(first) => Cow::Borrowed(&first[..first.len().min(max)]),
+                None => Cow::Borrowed(&[]),
+            },
+            Self::Masked(bytes, mask) => {
+                let mut plain = bytes[..bytes.len().min(max)].to_vec();
+                frame::unmask(&mut plain, *mask, 0);
+                plain.into()
+            }
+            Self::Slice(bytes) => Cow::Borrowed(&bytes[..bytes.len().min(max)]),
+            Self::Owned(buffer) => Cow::Borrowed(&buffer[..buffer.len().min(max)]),
+        }
+    }
+
+    /// Compresses the payload as one message (§7.2.1) into `out`.
+    pub(crate) fn deflate(&self, params: &Params, out: &mut Vec<u8>) {
+        match self {
+            Self::Chunks(chunked) => {
+                deflate::deflate_pieces(chunked.pieces(), chunked.len(), params, out);
+            }
+            other => deflate::deflate_message(&other.to_plain(), params, out),
         }
     }
 }
@@ -133,6 +170,15 @@ impl Outbox {
             }
             Payload::Slice(bytes) => self.buf.extend_from_slice(bytes),
             Payload::Owned(buffer) => self.buf.extend_from_slice(buffer),
+            Payload::Chunks(chunked) => {
+                // Every chunk but the last is full (1 MiB); each goes out as it is.
+                for mut chunk in chunked.take_chunks().filter(|chunk| !chunk.is_empty()) {
+                    if chunk.capacity() > chunk.len() + chunk.len() / 2 {
+                        chunk.shrink_to_fit();
+                    }
+                    self.large.push_back((self.buf.len(), chunk));
+                }
+            }
         }
     }
 

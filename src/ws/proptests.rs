@@ -152,10 +152,10 @@ proptest! {
         prop_assert!(opcodes[1..].iter().all(|&op| op == OpCode::Continuation));
         if rsv1_seen {
             let mut inflater = deflate::Inflater::new(&params());
-            let mut out = Vec::new();
+            let mut out = crate::ws::chunked::Chunked::default();
             inflater.inflate(&joined, &mut out, usize::MAX - 1, &mut { usize::MAX }).unwrap();
             inflater.finish(&mut out, usize::MAX - 1).unwrap();
-            joined = out;
+            joined = out.take_contiguous();
         } else {
             prop_assert!(opcodes.len() == payload.len().div_ceil(max_frame).max(1));
         }

@@ -261,6 +261,56 @@ async fn twenty_holders(
     (server, holders)
 }
 
+/// The attack 3 at full size, with a budget that covers it: 20 clients each
+/// send a 16 MiB − 1 fragment at once and hold it. Messages growing side by side hold
+/// what they hold, in chunks that are never moved: when each was one growing buffer,
+/// every step copied it and left the old buffer resident until the allocator purged
+/// it. Measured on the peak (VmHWM) past baseline and messages: 14–21 MiB with one
+/// growing buffer, 2–3 MiB in chunks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_growing_side_by_side_leave_no_copies_behind() {
+    let _heavy = crate::support::heavy().await;
+    const CLIENTS: u64 = 20;
+    const MESSAGE: u64 = 16 * MIB - 1;
+    let budget = (CLIENTS * (MESSAGE + 1)).to_string();
+    let server = ServerProcess::start(&[
+        "--buffer-budget",
+        &budget,
+        "--ping-interval",
+        "0s",
+        "--message-timeout",
+        "0s",
+    ]);
+    let baseline = server.rss();
+    let mut holders = Vec::new();
+    for _ in 0..CLIENTS {
+        holders.push(hold_a_fragment(&server, MESSAGE as usize).await);
+    }
+    // Until every message is whole (then held) and a little longer.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while metric(&server, "ws_echo_connections_open").await < CLIENTS as f64
+        || server.rss() < baseline + CLIENTS * MESSAGE / 100 * 95
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the messages never arrived whole"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let peak = server.peak_rss();
+    let held = CLIENTS * MESSAGE;
+    assert_peak_below(
+        "20 growing 16 MiB messages",
+        baseline,
+        peak,
+        baseline + held + CLIENTS * PER_CONNECTION + 6 * MIB,
+    );
+    for holder in holders {
+        holder.abort();
+    }
+}
+
 /// Attack 3: 20 clients each hold the first 4 MiB of a message that never ends, past a
 /// 64 MiB budget (the 20 × 16 MiB against 256 MiB, scaled by a quarter). Once
 /// the budget is spent, a polite client's 1 MiB message is still echoed within 8 s:
