@@ -171,7 +171,7 @@ impl Outbox {
             Payload::Slice(bytes) => self.buf.extend_from_slice(bytes),
             Payload::Owned(buffer) => self.buf.extend_from_slice(buffer),
             Payload::Chunks(chunked) => {
-                // Every chunk but the last is full (1 MiB); each goes out as it is.
+                // Each chunk (64 KiB to 1 MiB, but the last) goes out as it is.
                 for mut chunk in chunked.take_chunks().filter(|chunk| !chunk.is_empty()) {
                     if chunk.capacity() > chunk.len() + chunk.len() / 2 {
                         chunk.shrink_to_fit();
@@ -215,7 +215,8 @@ impl Outbox {
             count += 1;
             at = *position;
         }
-        if self.buf.len() > at {
+        // The last large payload may have taken the last slot.
+        if count < MAX_IO_SLICES && self.buf.len() > at {
             slices[count] = IoSlice::new(&self.buf[at..]);
             count += 1;
         }
@@ -313,6 +314,39 @@ mod tests {
         assert!(outbox.is_empty());
         assert_eq!(all.len(), 7 + 4 + 5000 + 7);
         assert_eq!((outbox.buf.capacity(), outbox.large.capacity()), (0, 0));
+    }
+
+    /// More segments than one `writev` takes: the slices stop at the limit, whichever
+    /// payload fills it, and the rest follows in order. (A large payload filling the
+    /// last slot, then a small frame, once wrote past the array.)
+    #[test]
+    fn more_segments_than_one_writev_are_written_in_turns() {
+        for large in [7, 8, 15, 16, 17] {
+            let mut outbox = Outbox::default();
+            let mut expected = Vec::new();
+            for index in 0..large {
+                let mut payload = vec![index as u8; OWN_SEGMENT_FROM];
+                frame::encode_header(&mut expected, true, false, OpCode::Binary, payload.len());
+                expected.extend_from_slice(&payload);
+                outbox.push_frame(true, false, OpCode::Binary, Payload::Owned(&mut payload));
+            }
+            outbox.push_frame(true, false, OpCode::Pong, Payload::Slice(b"p"));
+            expected.extend_from_slice(&[0x8A, 1, b'p']);
+            let mut written = Vec::new();
+            while !outbox.is_empty() {
+                let mut slices = [IoSlice::new(&[]); MAX_IO_SLICES];
+                let count = outbox.io_slices(&mut slices);
+                assert!(count > 0 && count <= MAX_IO_SLICES);
+                let n: usize = slices[..count].iter().map(|slice| slice.len()).sum();
+                written.extend(
+                    slices[..count]
+                        .iter()
+                        .flat_map(|slice| slice.iter().copied()),
+                );
+                outbox.advance(n);
+            }
+            assert!(written == expected, "{large} large payloads");
+        }
     }
 
     #[test]

@@ -422,3 +422,26 @@ async fn thousand_unfinished_messages_are_bounded_by_the_read_budget() {
     let _heavy = crate::support::heavy().await;
     assert_memory_bounded(Bulk::UnfinishedMessage).await;
 }
+
+/// More echoes queued at once than one `writev` takes: eight fragmented 6,000-byte
+/// messages (each echo written from its own buffer) and a Ping, in one write. The
+/// eighth echo took the last of the 16 slots and the Pong behind it was written past
+/// the array: the connection's task panicked and the client got nothing.
+#[tokio::test]
+async fn more_queued_echoes_than_one_writev_takes_are_all_written() {
+    let server = TestServer::start().await;
+    let (mut client, _) = server.raw("").await;
+    let mut burst = Vec::new();
+    for index in 0..8u8 {
+        burst.extend(encode_frame(false, false, 0x2, &[index; 3000], true));
+        burst.extend(encode_frame(true, false, 0x0, &[index; 3000], true));
+    }
+    burst.extend(encode_frame(true, false, 0x9, b"p", true));
+    client.stream.write_all(&burst).await.expect("write");
+    for index in 0..8u8 {
+        let frame = client.read_frame().await.expect("an echo");
+        assert_eq!((frame.opcode, frame.payload), (0x2, vec![index; 6000]));
+    }
+    let pong = client.read_frame().await.expect("the pong");
+    assert_eq!((pong.opcode, pong.payload), (0xA, b"p".to_vec()));
+}
