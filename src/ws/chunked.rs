@@ -9,6 +9,8 @@
 
 use std::borrow::Cow;
 
+use super::outbox::Payload;
+
 /// The most bytes one buffer of a message holds: 16 MiB take 16 (and a few smaller ones
 /// while the message's budget grows), a `writev` or two.
 pub(crate) const CHUNK: usize = 1024 * 1024;
@@ -57,6 +59,15 @@ impl Chunked {
     /// Bytes the last chunk can still take without allocating.
     pub(crate) fn spare(&self) -> usize {
         self.last.capacity() - self.last.len()
+    }
+
+    /// The payload to send: one buffer as it is, or the chunks, either to be taken.
+    pub(crate) fn as_payload(&mut self) -> Payload<'_> {
+        if self.is_single() {
+            Payload::Owned(&mut self.last)
+        } else {
+            Payload::Chunks(self)
+        }
     }
 
     /// Whether the payload is one buffer.
@@ -147,6 +158,13 @@ impl Chunked {
             *self = Self::default();
             all
         }
+    }
+}
+
+impl From<Vec<u8>> for Chunked {
+    /// One buffer, as it is.
+    fn from(last: Vec<u8>) -> Self {
+        Self { full: None, last }
     }
 }
 

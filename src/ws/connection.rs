@@ -523,12 +523,7 @@ impl Receiver {
         {
             return Err(Violation::InvalidUtf8);
         }
-        let payload = if message.payload.is_single() {
-            Payload::Owned(message.payload.last_mut())
-        } else {
-            Payload::Chunks(&mut message.payload)
-        };
-        handler.message(message.kind, payload);
+        handler.message(message.kind, message.payload.as_payload());
         Ok(())
     }
 
@@ -1177,13 +1172,20 @@ mod tests {
                 assert!(payload == bytes, "read {read}: the echo differs");
             }
         }
-        // A bad byte just past the first chunk is found there.
+        // A bad byte just past the first chunk is found there, as it arrives (in
+        // reads: a whole frame in one read is checked where it lies).
         let mut bad = bytes.to_vec();
         bad[CHUNK + 1] = 0xFF;
+        let wire = client_frame(0x81, &bad, MASK);
         let mut receiver = Receiver::new(limits, None);
         let mut record = Record::default();
-        receiver.receive(&mut client_frame(0x81, &bad, MASK), &mut record);
+        let mut reads = wire.chunks(64 * 1024);
+        while record.0.is_empty() {
+            let read = reads.next().expect("the violation before the end");
+            receiver.receive(&mut read.to_vec(), &mut record);
+        }
         assert_eq!(record.0, [Seen::Violation(Violation::InvalidUtf8)]);
+        assert!(reads.len() > 10, "found where it is, not at the end");
     }
 
     #[test]

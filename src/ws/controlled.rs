@@ -12,6 +12,7 @@ use std::{collections::VecDeque, time::Duration};
 use tokio::time::Instant;
 
 use super::{
+    chunked::Chunked,
     connection::{Kind, Sender},
     controls::{After, Controls, Fault, Stream},
     driver::{Action, News},
@@ -40,7 +41,7 @@ const PIECES_PER_TURN: (usize, usize) = (64 * 1024, 4096);
 #[derive(Debug)]
 enum Later {
     /// An echo.
-    Echo { kind: Kind, bytes: Vec<u8> },
+    Echo { kind: Kind, bytes: Chunked },
     /// An echo going out in `fragment`-sized frames, as prepared (compressed) for the
     /// wire; `sent` bytes of it are framed.
     Pieces {
@@ -166,7 +167,11 @@ impl Controlled {
         if let Some((last, _)) = self.pending.back() {
             due = due.max(*last);
         }
-        let bytes = take_bytes(payload);
+        // Kept as received: a large message in its chunks, not joined (a copy).
+        let bytes = match payload {
+            Payload::Chunks(chunked) => std::mem::take(chunked),
+            other => Chunked::from(take_bytes(other)),
+        };
         self.held += bytes.len() + ENTRY_COST;
         self.pending.push_back((due, Later::Echo { kind, bytes }));
     }
@@ -263,7 +268,7 @@ impl Controlled {
         match later {
             Later::Echo { kind, mut bytes } => {
                 self.held -= bytes.len() + ENTRY_COST;
-                self.echo(kind, Payload::Owned(&mut bytes), sender, outbox, news);
+                self.echo(kind, bytes.as_payload(), sender, outbox, news);
             }
             Later::Close(close) => {
                 self.held -= ENTRY_COST;

@@ -455,7 +455,8 @@ pub(crate) fn deflate_pieces<'a>(
             // write the flush marker twice (zlib.h, deflate()).
             if out.capacity() - out.len() < 64 {
                 // What is left takes at most its own size plus stored-block headers (5
-                // bytes per up to 64 KiB) and the flush.
+                // bytes per up to 64 KiB) and the flush; zlib may also hold some input it
+                // has taken, so this is a guess, and the loop goes on until all is out.
                 out.reserve(left + left / 8192 + 64);
             }
             let before = compressor.total_in();

@@ -1279,9 +1279,9 @@ mod tests {
 
     /// Every idle connection carries its driver inside its task for its whole life
     /// (echo_load W4 counts it). Measured: 560 bytes over hyper's upgraded stream, of
-    /// which the receiver is 176 (the inflater is boxed: 168 bytes inline; 32 for the
-    /// backlog and the room; 8 for a large message's chunk list, boxed) and the outbox 80; the rules are shared, not copied (112
-    /// bytes). 472 before the backlog, the message check and the budget's waiting
+    /// which the receiver is 176 (168 before a large message's list of chunks, boxed:
+    /// 8 bytes; the inflater is boxed too, 168 bytes inline) and the outbox 80; the
+    /// rules are shared, not copied (112 bytes). 472 before the backlog, the message check and the budget's waiting
     /// count; 528 before the test controls (the action in the news, and the boxed
     /// extras: 608 with them inline).
     #[test]
