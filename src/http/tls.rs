@@ -2,9 +2,9 @@
 //! the per-connection handshake that turns an accepted TCP stream into a TLS stream.
 //!
 //! The server branches once per connection, plain or TLS, and then serves both through
-//! the same HTTP path (`http::server`), so no handler ever sees TLS. The handshake runs in the
-//! connection's own task under the handshake timeout: a client that stalls inside it
-//! holds up only itself, never the accept loop. That is why [`Acceptor`] is not an
+//! the same HTTP path (`http::server`), so no handler ever sees TLS. The handshake runs
+//! in the connection's own task under the handshake timeout: a client that stalls
+//! inside it holds up only itself, never the accept loop. That is why [`Acceptor`] is not an
 //! `axum::serve::Listener`: a listener's `accept` runs in the loop, so one slow
 //! ClientHello there would delay every connection behind it.
 //!

@@ -1281,9 +1281,9 @@ mod tests {
     /// (echo_load W4 counts it). Measured: 560 bytes over hyper's upgraded stream, of
     /// which the receiver is 176 (168 before a large message's list of chunks, boxed:
     /// 8 bytes; the inflater is boxed too, 168 bytes inline) and the outbox 80; the
-    /// rules are shared, not copied (112 bytes). 472 before the backlog, the message check and the budget's waiting
-    /// count; 528 before the test controls (the action in the news, and the boxed
-    /// extras: 608 with them inline).
+    /// rules are shared, not copied (112 bytes). 472 before the backlog, the message
+    /// check and the budget's waiting count; 528 before the test controls (the action
+    /// in the news, and the boxed extras: 608 with them inline).
     #[test]
     fn an_idle_connection_carries_a_small_driver() {
         type Upgraded = hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>;

@@ -1,6 +1,6 @@
 //! The WebSocket protocol, ours from the frame up: a sans-IO core (`frame`, `close`,
-//! `utf8`, `deflate`, `chunked`, `connection`, `outbox`) that turns bytes into events and frames
-//! into bytes, the echo policy that answers events (`echo`; under the test controls of
+//! `utf8`, `deflate`, `chunked`, `connection`, `outbox`) that turns bytes into events
+//! and frames into bytes, the echo policy that answers events (`echo`; under the test controls of
 //! the URL, `controls` and `controlled`), and the one I/O driver per connection that
 //! owns every read and write (`driver`).
 

@@ -154,14 +154,7 @@ impl Outbox {
         self.len += self.buf.len() - before + len;
         match payload {
             Payload::Owned(buffer) if len >= OWN_SEGMENT_FROM => {
-                if buffer.capacity() > len + len / 2 {
-                    // A buffer grown by doubling, or reserved for a worst case (a
-                    // compressed echo), may wait long for a slow reader: keep only what
-                    // is sent.
-                    buffer.shrink_to_fit();
-                }
-                self.large
-                    .push_back((self.buf.len(), std::mem::take(buffer)));
+                self.push_segment(std::mem::take(buffer));
             }
             Payload::Masked(bytes, mask) => {
                 let start = self.buf.len();
@@ -172,14 +165,26 @@ impl Outbox {
             Payload::Owned(buffer) => self.buf.extend_from_slice(buffer),
             Payload::Chunks(chunked) => {
                 // Each chunk (64 KiB to 1 MiB, but the last) goes out as it is.
-                for mut chunk in chunked.take_chunks().filter(|chunk| !chunk.is_empty()) {
-                    if chunk.capacity() > chunk.len() + chunk.len() / 2 {
-                        chunk.shrink_to_fit();
+                for chunk in chunked.take_chunks() {
+                    if chunk.len() >= OWN_SEGMENT_FROM {
+                        self.push_segment(chunk);
+                    } else {
+                        self.buf.extend_from_slice(&chunk);
                     }
-                    self.large.push_back((self.buf.len(), chunk));
                 }
             }
         }
+    }
+
+    /// Queues a large payload's own buffer, written from where it is.
+    fn push_segment(&mut self, mut buffer: Vec<u8>) {
+        let len = buffer.len();
+        if buffer.capacity() > len + len / 2 {
+            // A buffer grown by doubling, or reserved for a worst case (a compressed
+            // echo), may wait long for a slow reader: keep only what is sent.
+            buffer.shrink_to_fit();
+        }
+        self.large.push_back((self.buf.len(), buffer));
     }
 
     /// Appends bytes that are already whole frames.
