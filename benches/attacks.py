@@ -30,8 +30,14 @@ h2idle   The server runs with RLIMIT_NOFILE ATTACK_H2_NOFILE (4096); ATTACK_H2_C
          many stay open at 15 s and at ATTACK_H2_WAIT (80) s, and whether a fresh
          HTTP/1.1 GET /healthz is answered within 5 s meanwhile: idle HTTP/2 connections
          exhausting the server's file descriptors.
+
+ATTACK_ROUNDS=N runs each attack N times against one server: each round's "before" is
+what the previous round left, so the rounds show whether what stays resident grows
+with every attack or was paid once. ATTACK_SMAPS=DIR saves the server's
+/proc/PID/smaps before and 10 s after (DIR/before.smaps, DIR/after.smaps; the last
+round's): which mappings hold what stayed.
 """
-import asyncio, base64, collections, functools, os, re, resource, socket, struct
+import asyncio, base64, collections, contextlib, functools, os, re, resource, socket, struct
 import subprocess, sys, tempfile, threading, time, zlib
 
 MiB = 1 << 20
@@ -111,6 +117,20 @@ class Server:
 
     def __exit__(self, *_):
         self.stop()
+
+
+ROUNDS = int(os.environ.get("ATTACK_ROUNDS", 1))
+KEPT = []  # with ATTACK_ROUNDS > 1: the server every round of one attack runs against
+
+
+def server(binary, flags, nofile=None):
+    """A new server for the attack, or with ATTACK_ROUNDS > 1 the one its first round
+    started (stopped by `main` after the last round)."""
+    if ROUNDS == 1:
+        return Server(binary, flags, nofile)
+    if not KEPT:
+        KEPT.append(Server(binary, flags, nofile))
+    return contextlib.nullcontext(KEPT[0])
 
 
 class Peak(threading.Thread):
@@ -329,8 +349,18 @@ def drain_and_close(sock):
     sock.close()
 
 
+def save_smaps(srv, label):
+    """With ATTACK_SMAPS=DIR, the server's /proc/PID/smaps is copied to DIR/LABEL.smaps: which
+    mappings hold the pages that stay resident."""
+    if d := os.environ.get("ATTACK_SMAPS"):
+        os.makedirs(d, exist_ok=True)
+        with open(f"/proc/{srv.pid}/smaps") as src, open(os.path.join(d, f"{label}.smaps"), "w") as dst:
+            dst.write(src.read())
+
+
 async def start(srv):
     await asyncio.sleep(0.5)
+    save_smaps(srv, "before")
     return srv.rss_parts(), Peak(srv.pid)
 
 
@@ -342,6 +372,7 @@ async def aftermath(srv, before, sampler, seconds=10, watch=None):
         rss[t] = srv.rss_parts()
         if watch:
             await watch(t)
+    save_smaps(srv, "after")
     (before, before_anon), (one, _), (ten, ten_anon) = before, rss[1], rss[10]
     log(f"RSS: before {mib(before)}, peak {mib(peak)} (VmHWM {mib(proc_status(srv.pid, 'VmHWM'))}), "
         f"+1 s {mib(one)}, +10 s {mib(ten)}; anonymous: before {mib(before_anon)}, "
@@ -383,7 +414,7 @@ def deflated_message(window_bits):
 async def attack_inflate(binary, extra):
     log(f"== inflate: {INFLATE_CONNS} clients, 16 MiB deflated messages for {INFLATE_SECONDS} s, never reading")
     loop, outcome, sent = asyncio.get_running_loop(), collections.Counter(), [0]
-    with Server(binary, extra) as srv:
+    with server(binary, extra) as srv:
         before, sampler = await start(srv)
         conns = await connect_all(INFLATE_CONNS, lambda: ws_open(srv.port, "permessage-deflate; server_max_window_bits=9"), outcome)
         log(f"wire size of one 16 MiB message: {len(deflated_message(15)):,} bytes")
@@ -424,7 +455,7 @@ async def attack_stall(binary, extra):
     flags = extra if any(a.startswith("--stall-timeout") for a in extra) else ["--stall-timeout", "10s", *extra]
     log(f"== stall: {STALL_CONNS} clients send {STALL_MESSAGES} x 1 MiB and never read")
     loop, outcome = asyncio.get_running_loop(), collections.Counter()
-    with Server(binary, flags) as srv:
+    with server(binary, flags) as srv:
         before, sampler = await start(srv)
         conns = await connect_all(STALL_CONNS, lambda: ws_open(srv.port), outcome)
         frame = ws_frame(0x2, os.urandom(MiB))
@@ -479,7 +510,7 @@ HOLD_CONNS, HOLD_LENGTH = 20, 16 * MiB - 1
 async def attack_hold(binary, extra):
     log(f"== hold: {HOLD_CONNS} clients each send a FIN=0 fragment of {HOLD_LENGTH:,} bytes and go silent")
     loop, outcome = asyncio.get_running_loop(), collections.Counter()
-    with Server(binary, extra) as srv:
+    with server(binary, extra) as srv:
         before, sampler = await start(srv)
         conns = await connect_all(HOLD_CONNS, lambda: ws_open(srv.port), outcome)
         frame = memoryview(ws_frame(0x2, os.urandom(HOLD_LENGTH), fin=False))
@@ -580,7 +611,7 @@ async def attack_h2idle(binary, extra):
     wait = float(os.environ.get("ATTACK_H2_WAIT", 80))
     log(f"== h2idle: {count} idle h2c connections against RLIMIT_NOFILE {nofile}")
     loop, outcome, stats = asyncio.get_running_loop(), collections.Counter(), collections.Counter()
-    with Server(binary, extra, nofile=nofile) as srv:
+    with server(binary, extra, nofile=nofile) as srv:
         before, sampler = await start(srv)
         authority, path = f"{HOST}:{srv.port}".encode(), b"/healthz"
         # HPACK: :method GET, :scheme http (indexed); :path and :authority literal without indexing.
@@ -635,9 +666,14 @@ def main():
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     binary, extra = sys.argv[1], sys.argv[3:]
     for name in ATTACKS if sys.argv[2] == "all" else [sys.argv[2]]:
-        started = time.monotonic()
-        asyncio.run(ATTACKS[name](binary, extra))
-        log(f"({name}: {time.monotonic() - started:.0f} s)\n")
+        for round in range(1, ROUNDS + 1):
+            started = time.monotonic()
+            if ROUNDS > 1:
+                log(f"-- round {round} of {ROUNDS}")
+            asyncio.run(ATTACKS[name](binary, extra))
+            log(f"({name}: {time.monotonic() - started:.0f} s)\n")
+        while KEPT:
+            KEPT.pop().stop()
 
 
 if __name__ == "__main__":
