@@ -58,6 +58,35 @@ const BUDGET_CHUNK: usize = 64 * 1024;
 /// its chunks are now never moved, see `chunked.rs`.)
 const MAX_BUDGET_CHUNK: usize = 4 * 1024 * 1024;
 
+/// Permits given back for memory just freed return to the budget this long after, when
+/// there are at least [`PURGE_DELAY_FROM`] of them: the allocator gives freed pages back
+/// to the system lazily (the binary's jemalloc within about 100 ms: `dirty_decay_ms` in
+/// `.cargo/config.toml`, its background thread waking at most every 100 ms), so memory
+/// another connection takes at once is resident beside it meanwhile, unless it happens to
+/// be reused. `benches/attacks.py hold` (release build), where connections closed at the
+/// message timeout free 16 MiB each while others wait for the budget: VmHWM 265–278 MiB
+/// given back at once, 254–260 MiB after 200 ms, against a bound of 265 MiB.
+const PURGE_DELAY: Duration = Duration::from_millis(200);
+
+/// The least given back after [`PURGE_DELAY`]: smaller frees are mostly reused from
+/// the allocator's thread caches, while a message's 1 MiB chunks go back to the pages
+/// of one arena, which the other threads' arenas do not reuse.
+const PURGE_DELAY_FROM: usize = 1024 * 1024;
+
+/// Gives `permits` back to `budget` for memory just freed: at once if few, after
+/// [`PURGE_DELAY`] if many (and at once outside a runtime, which then is ending).
+fn give_back_freed(budget: Arc<Semaphore>, permits: usize) {
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) if permits >= PURGE_DELAY_FROM => {
+            runtime.spawn(async move {
+                tokio::time::sleep(PURGE_DELAY).await;
+                budget.add_permits(permits);
+            });
+        }
+        _ => budget.add_permits(permits),
+    }
+}
+
 /// How often a connection waiting for the budget looks whether its client has left.
 const PEER_CHECK: Duration = Duration::from_millis(250);
 
@@ -406,7 +435,7 @@ struct ReadRate {
 
 impl<S> Drop for Driver<'_, S> {
     fn drop(&mut self) {
-        self.budget.clone_inner().add_permits(self.acquired);
+        give_back_freed(self.budget.clone_inner(), self.acquired);
         self.set_waiting(false);
     }
 }
@@ -925,6 +954,18 @@ impl<'a, S: Transport> Driver<'a, S> {
         }
     }
 
+    /// Drops the message in progress, whose permits go back once the allocator has had
+    /// time to return its memory ([`PURGE_DELAY`]): the connection is closing, and its
+    /// echoes are not held back by the wait.
+    fn drop_message(&mut self) {
+        self.receiver.drain();
+        let needed = self.held().saturating_sub(FREE_ALLOWANCE);
+        if self.acquired > needed {
+            give_back_freed(self.budget.clone_inner(), self.acquired - needed);
+            self.acquired = needed;
+        }
+    }
+
     /// Writes what the outbox holds, then flushes. `Ok(true)` when that may let a read
     /// go on that could not (the outbox was over the write limit, or the read waited
     /// for budget that written echoes held), `Ok(false)` when there is nothing more to
@@ -982,10 +1023,9 @@ impl<'a, S: Transport> Driver<'a, S> {
             return Ending::ClientClosed(answered);
         }
         self.sender.close(Some(code), &reason, &mut self.outbox);
-        self.receiver.drain();
         // The message is dropped: what it held goes back to the others now, not after
         // the closing handshake.
-        self.release_budget();
+        self.drop_message();
         match self.linger(policy).await {
             Ok(()) => Ending::ServerClosed(code, reason, limit),
             Err(detail) if detail == TIMED_OUT => {
@@ -1005,8 +1045,7 @@ impl<'a, S: Transport> Driver<'a, S> {
             }
             Action::Closed(code) => {
                 // As in `close`: nothing more is followed, and the budget goes back.
-                self.receiver.drain();
-                self.release_budget();
+                self.drop_message();
                 let _ = self.linger(policy).await;
                 Ending::ServerClosed(code, "fault=bad-close-code".into(), None)
             }
