@@ -76,14 +76,18 @@ const PURGE_DELAY_FROM: usize = 1024 * 1024;
 /// Gives `permits` back to `budget` for memory just freed: at once if few, after
 /// [`PURGE_DELAY`] if many (and at once outside a runtime, which then is ending).
 fn give_back_freed(budget: Arc<Semaphore>, permits: usize) {
+    if permits < PURGE_DELAY_FROM {
+        budget.add_permits(permits);
+        return;
+    }
     match tokio::runtime::Handle::try_current() {
-        Ok(runtime) if permits >= PURGE_DELAY_FROM => {
+        Ok(runtime) => {
             runtime.spawn(async move {
                 tokio::time::sleep(PURGE_DELAY).await;
                 budget.add_permits(permits);
             });
         }
-        _ => budget.add_permits(permits),
+        Err(_) => budget.add_permits(permits),
     }
 }
 
