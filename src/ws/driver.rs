@@ -949,12 +949,9 @@ impl<'a, S: Transport> Driver<'a, S> {
 
     /// Gives back the permits this connection no longer needs.
     fn release_budget(&mut self) {
-        let needed = self.held().saturating_sub(FREE_ALLOWANCE);
-        if self.acquired > needed {
-            self.budget
-                .clone_inner()
-                .add_permits(self.acquired - needed);
-            self.acquired = needed;
+        let surplus = self.take_surplus();
+        if surplus > 0 {
+            self.budget.clone_inner().add_permits(surplus);
         }
     }
 
@@ -963,11 +960,19 @@ impl<'a, S: Transport> Driver<'a, S> {
     /// echoes are not held back by the wait.
     fn drop_message(&mut self) {
         self.receiver.drain();
-        let needed = self.held().saturating_sub(FREE_ALLOWANCE);
-        if self.acquired > needed {
-            give_back_freed(self.budget.clone_inner(), self.acquired - needed);
-            self.acquired = needed;
+        let surplus = self.take_surplus();
+        if surplus > 0 {
+            give_back_freed(self.budget.clone_inner(), surplus);
         }
+    }
+
+    /// The permits taken beyond what the connection holds now, no longer counted as
+    /// its own.
+    fn take_surplus(&mut self) -> usize {
+        let needed = self.held().saturating_sub(FREE_ALLOWANCE);
+        let surplus = self.acquired.saturating_sub(needed);
+        self.acquired -= surplus;
+        surplus
     }
 
     /// Writes what the outbox holds, then flushes. `Ok(true)` when that may let a read
@@ -1027,8 +1032,8 @@ impl<'a, S: Transport> Driver<'a, S> {
             return Ending::ClientClosed(answered);
         }
         self.sender.close(Some(code), &reason, &mut self.outbox);
-        // The message is dropped: what it held goes back to the others now, not after
-        // the closing handshake.
+        // The message is dropped: what it held goes back to the others as soon as its
+        // memory is returned, not after the closing handshake.
         self.drop_message();
         match self.linger(policy).await {
             Ok(()) => Ending::ServerClosed(code, reason, limit),
